@@ -1,0 +1,180 @@
+"""Where each op runs: compiled Triton on CUDA, the Triton interpreter or the torch reference on CPU.
+
+Every public op asks `use_triton(tensor)` once per call:
+
+- CUDA tensor: the compiled Triton kernel (if Triton can drive the GPU; otherwise the torch reference
+  with one warning).
+- CPU tensor: the torch reference (`mtp_kernels.reference`, fast on CPU), unless `MTP_KERNELS=interpret`,
+  which runs the same Triton kernels through Triton's interpreter so they can be checked without a GPU.
+- `MTP_KERNELS=reference` forces the torch reference everywhere.
+
+The environment variable is read at every call, so tests can switch modes per test.
+
+Kernels are declared with `@triton_kernel` (and the device functions they call with `@device_function`)
+instead of `@triton.jit`. A `triton_kernel` keeps a compiled and an interpreted version side by side and
+picks one at launch from the device of the tensors it is given. That is the per-kernel choice the
+interpreter needs: setting `TRITON_INTERPRET=1` would switch every Triton user in the process.
+
+The compiled extension `mtp_kernels._C` (KV-cache compaction) is optional: without it the ops fall back to
+their torch implementations and `import mtp_kernels` warns once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+MODES = ("auto", "interpret", "reference")
+ENV_VAR = "MTP_KERNELS"
+
+try:
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    HAS_TRITON = True
+except ImportError:  # triton only ships for Linux; everything still runs through the reference
+    triton = None
+    HAS_TRITON = False
+
+
+def mode() -> str:
+    """The requested mode from `MTP_KERNELS` ('auto' when unset)."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{ENV_VAR}={value!r} is not one of {MODES}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def triton_can_drive_cuda() -> bool:
+    """True when compiled Triton kernels can launch on this machine's GPU."""
+    if not (HAS_TRITON and torch.cuda.is_available()):
+        return False
+    try:
+        triton.runtime.driver.active.get_current_target()
+        return True
+    except Exception:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether an op called on `tensor` should run its Triton kernel (compiled or interpreted)."""
+    requested = mode()
+    if requested == "reference":
+        return False
+    if tensor.is_cuda:
+        if triton_can_drive_cuda():
+            return True
+        _warn_once("mtp_kernels: Triton cannot launch on this GPU; using the torch reference ops")
+        return False
+    if requested == "interpret":
+        if not HAS_TRITON:
+            raise RuntimeError(f"{ENV_VAR}=interpret needs the triton package, which is not installed")
+        return True
+    return False
+
+
+if HAS_TRITON:
+
+    class _DeviceFunction(JITFunction):
+        """A `@triton.jit` device function that an interpreted kernel can also call.
+
+        The compiler inlines JITFunctions without calling them, so `__call__` is reached only from a
+        kernel running in the interpreter, where the call must run the Python body directly.
+        """
+
+        def __call__(self, *args, **kwargs):
+            return InterpretedFunction(self.fn)(*args, **kwargs)
+
+    class TritonKernel:
+        """A Triton kernel available both compiled (CUDA tensors) and interpreted (CPU tensors)."""
+
+        def __init__(self, fn, **jit_kwargs):
+            self.fn = fn
+            self._jit_kwargs = jit_kwargs
+            functools.update_wrapper(self, fn)
+
+        @functools.cached_property
+        def compiled(self):
+            return triton.jit(self.fn, **self._jit_kwargs)
+
+        @functools.cached_property
+        def interpreted(self):
+            return InterpretedFunction(self.fn, **self._jit_kwargs)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+                kernel = self.compiled if on_cuda else self.interpreted
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+
+def triton_kernel(fn=None, **jit_kwargs):
+    """Decorator for Triton kernels, used instead of `@triton.jit` (see the module docstring)."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+
+    def wrap(f):
+        return TritonKernel(f, **jit_kwargs)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def device_function(fn):
+    """Decorator for `@triton.jit` helpers called from a `triton_kernel`."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    jitted = triton.jit(fn)
+    jitted.__class__ = _DeviceFunction
+    return jitted
+
+
+def triton_upcast(tensor: torch.Tensor) -> bool:
+    """Whether kernels must upcast loads to fp32 before any arithmetic.
+
+    The interpreter stores bf16 as raw 16-bit integers and does arithmetic on the bit patterns, so on CPU
+    every bf16 load is converted first. Compiled kernels upcast too where accuracy needs it; this flag
+    only marks the case where skipping it would be wrong, not merely less precise.
+    """
+    return not tensor.is_cuda
+
+
+# --- compiled extension -------------------------------------------------------------------------------
+
+try:
+    from mtp_kernels import _C  # noqa: F401  (registers torch.ops.mtp_kernels.*)
+
+    _EXTENSION_ERROR = None
+except ImportError as error:  # not built, or built against another torch
+    _C = None
+    _EXTENSION_ERROR = error
+
+
+def has_extension() -> bool:
+    """True when the compiled extension `mtp_kernels._C` is loaded."""
+    return _C is not None
+
+
+def extension_import_error() -> ImportError | None:
+    return _EXTENSION_ERROR
+
+
+if _C is None and os.environ.get("MTP_SKIP_EXTENSION", "0") != "1":
+    warnings.warn(
+        f"mtp_kernels: compiled extension mtp_kernels._C not available ({_EXTENSION_ERROR}); "
+        "kv_compact uses its torch implementation. Rebuild with "
+        "`pip install --no-build-isolation -e .` to compile it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )

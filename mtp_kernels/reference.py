@@ -1,0 +1,184 @@
+"""Pure-torch reference implementations of every op: the test oracle and the fast path on CPU.
+
+Each function has the same name and signature as the public op in `mtp_kernels` and defines its meaning;
+the Triton kernels and the C++/CUDA extension must agree with it. Inputs are assumed valid here: the
+public ops validate them before dispatching.
+
+Shapes (B batch rows, T new tokens in a step, S cache slots, N rows, V vocabulary, d hidden size):
+
+- gated_lora_linear: x [..., in], weight [out, in], bias [out] | None, lora_a [r, in], lora_b [out, r],
+  gate [...] bool  ->  [..., out]
+- tree_attention: q [B, Hq, T, D], k/v [B, Hkv, S, D], lengths [B], block_mask [T, T] bool,
+  starts [B] | None  ->  [B, Hq, T, D]
+- choose_tokens: hidden [N, d], weight [V, d], noise [N, V] | None  ->  [N] int64
+- accept_greedy: drafts [B, k], targets [B, k+1]  ->  (accepted [B], next_token [B])
+- accept_sampling: logits [B, k+1, V], drafts [B, k], uniform [B, k], noise [B, k+1, V]
+  ->  (accepted [B], next_token [B])
+- kv_compact: caches list of [B, H, S, D], lengths [B], keep [B, K]  ->  None (in place)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# --- gated LoRA ----------------------------------------------------------------------------------------
+
+
+def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate):
+    """`x W^T + b`, plus `scaling * (x A^T) B^T` on the rows whose gate is set.
+
+    Rows with gate 0 are exactly `F.linear(x, weight, bias)`: the LoRA term is computed on the gathered
+    gated rows only (in fp32) and added into theirs, so its cost follows the number of gated rows.
+    Differentiable with respect to x, lora_a and lora_b.
+    """
+    out = F.linear(x, weight, bias)
+    rows = gate.reshape(-1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return out
+    x2d = x.reshape(-1, x.shape[-1])
+    shrunk = x2d.index_select(0, rows).float() @ lora_a.float().t()
+    delta = (shrunk @ lora_b.float().t()) * scaling
+    out2d = out.reshape(-1, out.shape[-1])
+    updated = out2d.index_select(0, rows).float() + delta
+    return out2d.index_copy(0, rows, updated.to(out.dtype)).reshape(out.shape)
+
+
+# --- tree attention ------------------------------------------------------------------------------------
+
+
+def tree_attention_allowed(lengths, block_mask, num_slots, starts=None):
+    """Bool [B, T, S]: which cache slot each new query of each row may attend to.
+
+    Row b's prefix is slots [starts[b], lengths[b]) (all of [0, lengths[b]) without `starts`), the new
+    block is slots [lengths[b], lengths[b] + T) and is visible as `block_mask` says; nothing else is.
+    """
+    T = block_mask.shape[0]
+    slots = torch.arange(num_slots, device=lengths.device)
+    relative = slots[None, :] - lengths[:, None].long()  # [B, S]: offset from the block start
+    in_prefix = relative < 0
+    if starts is not None:
+        in_prefix = in_prefix & (slots[None, :] >= starts[:, None].long())
+    in_block = (relative >= 0) & (relative < T)
+    block_visible = block_mask[:, relative.clamp(0, T - 1)].permute(1, 0, 2)  # [B, T, S]
+    return in_prefix[:, None, :] | (in_block[:, None, :] & block_visible)
+
+
+def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
+    """Attention of T new queries over each row's cached prefix plus the new block under `block_mask`.
+
+    Computed in fp32 with grouped-query heads (query head h reads KV head h // (Hq // Hkv)). A query that
+    may see nothing gets a zero output.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    allowed = tree_attention_allowed(lengths, block_mask, S, starts)  # [B, T, S]
+    qf = q.float().reshape(B, Hkv, Hq // Hkv, T, D)
+    scores = torch.einsum("bhgtd,bhsd->bhgts", qf, k.float()) * scale
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with nothing visible give 0
+    out = torch.einsum("bhgts,bhsd->bhgtd", probs, v.float())
+    return out.reshape(B, Hq, T, D).to(q.dtype)
+
+
+# --- sampler -------------------------------------------------------------------------------------------
+
+
+def lm_head_logits(hidden, weight):
+    """fp32 logits rounded to the hidden states' dtype, as `F.linear` in that dtype would return them."""
+    return (hidden.float() @ weight.float().t()).to(hidden.dtype).float()
+
+
+def filter_logits(logits, temperature, top_k=None, top_p=None):
+    """Temperature, then top-k, then top-p (Hugging Face's order and tie rules); removed entries -> -inf."""
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def race(probs_or_logits_filtered, noise, exclude=None):
+    """Exponential race: argmax_i p_i / E_i with E ~ Exp(1) samples a token with probability p_i.
+
+    Takes filtered logits (so p_i is proportional to exp(logit_i)) and works in log space:
+    argmax_i (logit_i - log E_i). `exclude` [N] removes one token per row first.
+    """
+    keys = probs_or_logits_filtered - noise.log()
+    if exclude is not None:
+        keys = keys.scatter(-1, exclude[:, None], float("-inf"))
+    return keys.argmax(dim=-1)
+
+
+def choose_tokens(hidden, weight, temperature=0.0, top_k=None, top_p=None, noise=None):
+    """The token each row picks from `lm_head(hidden)`: argmax when temperature is 0 (ties go to the
+    lowest index), else a sample via the exponential race with the given Exp(1) noise."""
+    logits = lm_head_logits(hidden, weight)
+    if not temperature:
+        return logits.argmax(dim=-1)
+    return race(filter_logits(logits, temperature, top_k, top_p), noise)
+
+
+def accept_greedy(drafts, targets):
+    """Longest prefix of drafts equal to the verifier's tokens (a cumulative product, not a count).
+
+    targets[:, j] is the verifier's token after the anchor and drafts[:, :j]; returns the accepted count a
+    and the next token targets[:, a] (the bonus, always correct).
+    """
+    matches = (drafts == targets[:, :-1]).long()
+    accepted = matches.cumprod(dim=1).sum(dim=1)
+    next_token = targets.gather(1, accepted[:, None]).squeeze(1)
+    return accepted, next_token
+
+
+def accept_sampling(logits, drafts, uniform, noise, temperature, top_k=None, top_p=None):
+    """Lossless speculative sampling with point-mass drafts.
+
+    Draft j is accepted with probability p_j(d_j) (u_j < p_j(d_j)), stopping at the first rejection. On a
+    rejection at j the next token is sampled from p_j with d_j removed and renormalised; after accepting
+    all k drafts it is sampled from p_k. Whatever the drafts, the tokens produced follow p exactly.
+    """
+    B, K1, V = logits.shape
+    k = K1 - 1
+    filtered = filter_logits(logits.float(), temperature, top_k, top_p)
+    probs = filtered.softmax(dim=-1)
+    p_draft = probs[:, :k].gather(2, drafts[:, :, None]).squeeze(2)  # [B, k]
+    accepted = (uniform < p_draft).long().cumprod(dim=1).sum(dim=1)
+    rows = torch.arange(B, device=logits.device)
+    position = accepted  # the distribution the next token comes from
+    exclude = torch.where(accepted < k, drafts.gather(1, accepted.clamp(max=k - 1)[:, None]).squeeze(1), -1)
+    keys = filtered[rows, position] - noise[rows, position].log()
+    has_exclusion = exclude >= 0
+    keys[has_exclusion, exclude[has_exclusion]] = float("-inf")
+    return accepted, keys.argmax(dim=-1)
+
+
+# --- KV-cache compaction -------------------------------------------------------------------------------
+
+
+def kv_compact(caches, lengths, keep):
+    """Per row b, move the kept entries of this step's block to the slots right after the prefix.
+
+    keep[b] lists indices into the block (strictly increasing, padded with -1 at the end); entry
+    lengths[b] + keep[b, i] of every cache moves to slot lengths[b] + i. Then lengths[b] grows by the
+    number kept. Caches and lengths are updated in place.
+    """
+    kept_counts = (keep >= 0).sum(dim=1)
+    for b in range(keep.shape[0]):
+        count = int(kept_counts[b])
+        if count == 0:
+            continue
+        start = int(lengths[b])
+        source = start + keep[b, :count].to(torch.long)
+        for cache in caches:
+            cache[b, :, start : start + count] = cache[b, :, source].clone()
+    lengths += kept_counts.to(lengths.dtype)

@@ -1,0 +1,65 @@
+"""MTPConfig: the adapter's hyper-parameters, saved with the adapter next to peft's LoRA fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DECODING_MODES = ("quadratic", "linear")
+
+
+@dataclass
+class MTPConfig:
+    """What `mtp_model.patch` adds to a model.
+
+    num_masks: k, the number of mask tokens (drafts per step). lora_rank / lora_alpha: gated LoRA on
+    `target_modules` of every decoder layer, scaled by alpha / rank as in peft. decoding: the default
+    `generate` mode ("quadratic": a mask block after every draft; "linear": one block at the end).
+    use_sampler: draft with the sampler head (False: plain LM head on the mask states, the ablation).
+    """
+
+    num_masks: int = 8
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS
+    decoding: str = "quadratic"
+    use_sampler: bool = True
+    mask_init_std: float | None = None  # None: the std of the model's input embeddings
+    # Filled by `patch` from the model, checked when an adapter is loaded into another model.
+    base_model: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.target_modules = tuple(self.target_modules)
+        if self.num_masks < 1:
+            raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.decoding not in DECODING_MODES:
+            raise ValueError(f"decoding must be one of {DECODING_MODES}, got {self.decoding!r}")
+        unknown = set(self.target_modules) - set(ALL_PROJECTIONS)
+        if unknown:
+            raise ValueError(f"target_modules {sorted(unknown)} are not decoder projections {ALL_PROJECTIONS}")
+
+    @property
+    def lora_scaling(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MTPConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> MTPConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,113 @@
+"""The modules `patch` adds to a model: gated LoRA linears, the sampler head and the mask embeddings.
+
+- `GateContext`: one per patched model; the model layer sets `gate` [B, S] bool (True on mask tokens)
+  once per forward, and every `GatedLoRALinear` of the model reads it. `gate=None` means no mask token in
+  this forward: every linear is exactly its base layer.
+- `GatedLoRALinear(base, rank, alpha, context)`: `base(x) + alpha / rank * gate * B(A(x))`. Weights use
+  peft's names (`lora_A.weight` [r, in], `lora_B.weight` [out, r], B zero-initialised) so adapters save
+  and load in peft's layout.
+- `SamplerHead(hidden_size)`: `[embed(prev); z]` [N, 2d] -> Linear -> SiLU -> LayerNorm -> Linear -> SiLU
+  -> LayerNorm -> [N, d]; its output goes through the model's own LM head.
+- `MTPHead`: holds the mask embeddings [k, d] and the sampler, registered on the model as `model.mtp`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import mtp_kernels
+
+
+class GateContext:
+    """The per-forward gate shared by all gated linears of one model."""
+
+    def __init__(self):
+        self.gate: torch.Tensor | None = None
+
+    def set(self, gate: torch.Tensor | None) -> None:
+        # A gate with no mask token is the same as no gate; skipping LoRA then keeps the base path exact
+        # and free.
+        self.gate = gate if gate is not None and bool(gate.any()) else None
+
+
+class GatedLoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, context: GateContext):
+        super().__init__()
+        self.base_layer = base
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.context = context
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
+        # peft's init: A Kaiming-uniform, B zero, so a fresh adapter leaves the mask path at the base model.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.context.gate
+        if gate is None:
+            return self.base_layer(x)
+        return mtp_kernels.gated_lora_linear(
+            x,
+            self.base_layer.weight,
+            self.base_layer.bias,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scaling,
+            gate,
+        )
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}"
+
+
+class SamplerHead(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * hidden_size, hidden_size, **factory),
+            nn.SiLU(),
+            nn.LayerNorm(hidden_size, eps=eps, **factory),
+            nn.Linear(hidden_size, hidden_size, **factory),
+            nn.SiLU(),
+            nn.LayerNorm(hidden_size, eps=eps, **factory),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features [..., 2d] = cat([embed(previous token), mask hidden state]) -> [..., d]."""
+        return self.mlp(features)
+
+
+class MTPHead(nn.Module):
+    """Mask-token embeddings (frozen, as in the paper) and the sampler head of a patched model."""
+
+    def __init__(self, num_masks: int, hidden_size: int, init_std: float, device=None, dtype=None):
+        super().__init__()
+        embeddings = torch.randn(num_masks, hidden_size, device=device, dtype=torch.float32) * init_std
+        self.mask_embeddings = nn.Parameter(embeddings.to(dtype), requires_grad=False)
+        self.sampler = SamplerHead(hidden_size, device=device, dtype=dtype)
+
+    @property
+    def num_masks(self) -> int:
+        return self.mask_embeddings.shape[0]

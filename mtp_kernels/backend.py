@@ -22,6 +22,7 @@ their torch implementations and `import mtp_kernels` warns once.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 
@@ -153,8 +154,8 @@ def triton_upcast(tensor: torch.Tensor) -> bool:
 # --- compiled extension -------------------------------------------------------------------------------
 
 try:
-    from mtp_kernels import _C  # noqa: F401  (registers torch.ops.mtp_kernels.*)
-
+    # Importing the module registers torch.ops.mtp_kernels.*.
+    _C = importlib.import_module("mtp_kernels._C")
     _EXTENSION_ERROR = None
 except ImportError as error:  # not built, or built against another torch
     _C = None

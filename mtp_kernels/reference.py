@@ -51,18 +51,19 @@ def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate):
 def tree_attention_allowed(lengths, block_mask, num_slots, starts=None):
     """Bool [B, T, S]: which cache slot each new query of each row may attend to.
 
-    Row b's prefix is slots [starts[b], lengths[b]) (all of [0, lengths[b]) without `starts`), the new
-    block is slots [lengths[b], lengths[b] + T) and is visible as `block_mask` says; nothing else is.
+    Row b's prefix is slots [0, lengths[b]), the new block is slots [lengths[b], lengths[b] + T) and is
+    visible as `block_mask` says. Slots before starts[b] (left padding) are never visible, in the prefix
+    or in the block.
     """
     T = block_mask.shape[0]
     slots = torch.arange(num_slots, device=lengths.device)
     relative = slots[None, :] - lengths[:, None].long()  # [B, S]: offset from the block start
-    in_prefix = relative < 0
-    if starts is not None:
-        in_prefix = in_prefix & (slots[None, :] >= starts[:, None].long())
     in_block = (relative >= 0) & (relative < T)
     block_visible = block_mask[:, relative.clamp(0, T - 1)].permute(1, 0, 2)  # [B, T, S]
-    return in_prefix[:, None, :] | (in_block[:, None, :] & block_visible)
+    allowed = (relative < 0)[:, None, :] | (in_block[:, None, :] & block_visible)
+    if starts is not None:
+        allowed = allowed & (slots[None, :] >= starts[:, None].long())[:, None, :]
+    return allowed
 
 
 def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
@@ -132,7 +133,8 @@ def accept_greedy(drafts, targets):
     """Longest prefix of drafts equal to the verifier's tokens (a cumulative product, not a count).
 
     targets[:, j] is the verifier's token after the anchor and drafts[:, :j]; returns the accepted count a
-    and the next token targets[:, a] (the bonus, always correct).
+    and the next token targets[:, a] (the bonus, always correct). A draft of -1 means "no draft" and is
+    never accepted.
     """
     matches = (drafts == targets[:, :-1]).long()
     accepted = matches.cumprod(dim=1).sum(dim=1)
@@ -145,13 +147,14 @@ def accept_sampling(logits, drafts, uniform, noise, temperature, top_k=None, top
 
     Draft j is accepted with probability p_j(d_j) (u_j < p_j(d_j)), stopping at the first rejection. On a
     rejection at j the next token is sampled from p_j with d_j removed and renormalised; after accepting
-    all k drafts it is sampled from p_k. Whatever the drafts, the tokens produced follow p exactly.
+    all k drafts it is sampled from p_k. Whatever the drafts, the tokens produced follow p exactly. A
+    draft of -1 means "no draft": it is never accepted and nothing is removed from p.
     """
     B, K1, V = logits.shape
     k = K1 - 1
     filtered = filter_logits(logits.float(), temperature, top_k, top_p)
     probs = filtered.softmax(dim=-1)
-    p_draft = probs[:, :k].gather(2, drafts[:, :, None]).squeeze(2)  # [B, k]
+    p_draft = probs[:, :k].gather(2, drafts.clamp(min=0)[:, :, None]).squeeze(2) * (drafts >= 0)  # [B, k]
     accepted = (uniform < p_draft).long().cumprod(dim=1).sum(dim=1)
     rows = torch.arange(B, device=logits.device)
     position = accepted  # the distribution the next token comes from

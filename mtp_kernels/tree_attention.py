@@ -1,8 +1,9 @@
 """Tree attention for a verify step: T new queries over each row's cached prefix plus the new block.
 
-Shapes: q [B, Hq, T, D]; k, v [B, Hkv, S, D] caches, row b holding its prefix in [starts[b], lengths[b])
+Shapes: q [B, Hq, T, D]; k, v [B, Hkv, S, D] caches, row b holding its prefix in [0, lengths[b])
 and this step's T new entries in [lengths[b], lengths[b] + T); block_mask [T, T] bool (True = may attend),
-shared by all rows; lengths, starts [B] int. Returns [B, Hq, T, D] in q's dtype. Hq must be a multiple of
+shared by all rows; lengths, starts [B] int: slots before starts[b] (left padding) are never attended to,
+whether in the prefix or in the block. Returns [B, Hq, T, D] in q's dtype. Hq must be a multiple of
 Hkv (grouped-query attention, K/V never repeated).
 
 (Triton kernel: to be added; until then every device uses the torch reference.)

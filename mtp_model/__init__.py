@@ -1,0 +1,12 @@
+"""mtp_model: patch a Hugging Face Llama / Qwen causal LM for lossless multi-token generation.
+
+    model = mtp_model.patch(hf_model, adapter="path")   # or mtp_model.MTPConfig(...)
+    out = model.generate(**inputs, max_new_tokens=256)  # stock greedy's tokens in fewer forward passes
+"""
+
+from mtp_model.adapter import save_adapter
+from mtp_model.config import MTPConfig
+from mtp_model.modules import GatedLoRALinear, SamplerHead
+from mtp_model.patch import patch, unpatch
+
+__all__ = ["GatedLoRALinear", "MTPConfig", "SamplerHead", "patch", "save_adapter", "unpatch"]

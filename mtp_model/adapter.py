@@ -1,0 +1,102 @@
+"""MTP adapters on disk, in peft's layout.
+
+A directory with
+- `adapter_config.json`: peft's LoRA fields (peft_type, r, lora_alpha, target_modules, ...) plus an
+  "mtp" entry holding the full `MTPConfig` (with the facts of the base model it was trained on);
+- `adapter_model.safetensors`: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` as peft
+  names them, and `base_model.model.mtp.*` for the mask embeddings and the sampler head.
+The LoRA factors therefore also load with `peft.PeftModel.from_pretrained` (as ungated LoRA).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from mtp_model.config import MTPConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def _adapter_tensors(model) -> dict:
+    return {
+        name: tensor
+        for name, tensor in model.state_dict().items()
+        if ".lora_A." in name or ".lora_B." in name or name.startswith("mtp.")
+    }
+
+
+def save_adapter(model, path: str | Path) -> Path:
+    """Writes the adapter of a patched model to directory `path` (created if needed)."""
+    if not hasattr(model, "mtp_config"):
+        raise ValueError("save_adapter needs a model patched with mtp_model.patch")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.mtp_config
+    peft_fields = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": config.base_model.get("name_or_path", ""),
+        "r": config.lora_rank,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(config.target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "mtp": config.to_dict(),
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(peft_fields, indent=2) + "\n")
+    tensors = {PEFT_PREFIX + name: t.detach().contiguous().cpu() for name, t in _adapter_tensors(model).items()}
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    return path
+
+
+def load_config(path: str | Path) -> MTPConfig:
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise ValueError(f"{path} is not an MTP adapter: {CONFIG_FILE} is missing")
+    data = json.loads(config_file.read_text())
+    if "mtp" not in data:
+        raise ValueError(f"{config_file} is a plain peft adapter without an 'mtp' entry, not an MTP adapter")
+    return MTPConfig.from_dict(data["mtp"])
+
+
+def check_fits(config: MTPConfig, model) -> None:
+    """Refuses an adapter trained for a model that differs from `model` in what the adapter depends on."""
+    from mtp_model.patch import describe_model
+
+    expected, actual = config.base_model, describe_model(model)
+    differences = [
+        f"{key}: adapter {expected[key]!r}, model {actual[key]!r}"
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+        if key in expected and expected[key] != actual[key]
+    ]
+    if differences:
+        raise ValueError("the adapter does not fit this model (" + "; ".join(differences) + ")")
+
+
+def load_weights(model, path: str | Path) -> None:
+    """Loads the adapter tensors at `path` into a model patched with the adapter's config."""
+    saved = load_file(str(Path(path) / WEIGHTS_FILE))
+    tensors = {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in saved.items()}
+    expected = _adapter_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"the adapter at {path} does not fit this model: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"the adapter at {path} does not fit this model: {name} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)

@@ -1,0 +1,129 @@
+"""The per-row-length KV cache and the attention function that MTP forwards run through.
+
+- `MTPCache(config, batch_size, max_slots, ...)`: a transformers `Cache` whose layers are preallocated
+  [B, Hkv, S, D] buffers. `lengths` [B] holds each row's number of kept entries and `starts` [B] where its
+  real tokens begin (left padding stays in the cache prefix and is never attended to). `update()` writes
+  a forward's T new entries of row b at [lengths[b], lengths[b] + T) and returns the whole buffers;
+  `keep(keep_index)` then compacts the entries worth keeping (all layers in one `kv_compact` call) and
+  advances the lengths.
+- `StepAttention`: what one MTP forward tells every attention layer (lengths, starts, the T x T block
+  mask). It travels as the `mtp_step` keyword argument, which transformers hands to the attention
+  function.
+- `use_mtp_attention(model)` registers, for the model's attention implementation X, the implementation
+  "mtp+X": `tree_attention` when `mtp_step` is given, and X itself otherwise, so ordinary forwards of a
+  patched model are exactly the stock ones.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import mtp_kernels
+
+PREFIX = "mtp+"
+
+
+@dataclass
+class StepAttention:
+    lengths: torch.Tensor  # [B] int64, kept entries per row before this forward
+    starts: torch.Tensor  # [B] int64, first real (non-padding) slot per row
+    block_mask: torch.Tensor  # [T, T] bool, True = may attend
+
+
+class MTPCacheLayer(CacheLayerMixin):
+    """One decoder layer's preallocated K/V; the lengths live in the owning `MTPCache`."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, owner: MTPCache):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states, value_states):
+        batch, heads, _, head_dim = key_states.shape
+        shape = (batch, heads, self.owner.max_slots, head_dim)
+        self.keys = key_states.new_zeros(shape)
+        self.values = value_states.new_zeros(shape)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # The decoding loop sizes the cache so every block fits; checking here would sync every layer.
+        batch, _, new_tokens, _ = key_states.shape
+        rows = torch.arange(batch, device=key_states.device)[:, None]
+        slots = self.owner.lengths[:, None] + torch.arange(new_tokens, device=key_states.device)  # [B, T]
+        # Advanced indices around a slice put their dims first: the target view is [B, T, H, D].
+        self.keys[rows, :, slots] = key_states.transpose(1, 2)
+        self.values[rows, :, slots] = value_states.transpose(1, 2)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return int(self.owner.lengths.max()) if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.owner.max_slots
+
+
+class MTPCache(Cache):
+    """A KV cache with one length per row, preallocated for `max_slots` entries per row."""
+
+    def __init__(self, num_layers: int, batch_size: int, max_slots: int, device: torch.device):
+        self.max_slots = max_slots
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.starts = torch.zeros(batch_size, dtype=torch.long, device=device)
+        super().__init__(layers=[MTPCacheLayer(self) for _ in range(num_layers)])
+
+    def step_attention(self, block_mask: torch.Tensor) -> StepAttention:
+        return StepAttention(self.lengths, self.starts, block_mask)
+
+    def keep(self, keep_index: torch.Tensor, block_size: int) -> None:
+        """Keeps entries `keep_index` [B, K] (block indices, -1 padded) of the last forward's block."""
+        buffers = [tensor for layer in self.layers for tensor in (layer.keys, layer.values)]
+        mtp_kernels.kv_compact(buffers, self.lengths, keep_index, block_size)
+
+    def kept_entries(self, layer_idx: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each row's kept (keys, values) [Hkv, n_b, D] of one layer, padding included."""
+        layer = self.layers[layer_idx]
+        return [(layer.keys[b, :, :n], layer.values[b, :, :n]) for b, n in enumerate(self.lengths.tolist())]
+
+
+def _mtp_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mtp_step=None, **kwargs):
+    if mtp_step is None:
+        base = module.config._attn_implementation.removeprefix(PREFIX)
+        return _base_attention(base, module)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    out = mtp_kernels.tree_attention(query, key, value, mtp_step.lengths, mtp_step.block_mask, scaling, mtp_step.starts)
+    return out.transpose(1, 2), None  # transformers expects [B, T, H, D]
+
+
+def _base_attention(name: str, module):
+    if name == "eager":  # not in the registry: each modeling file defines its own
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def use_mtp_attention(model) -> str:
+    """Switches `model` to "mtp+<its implementation>" and returns the previous implementation."""
+    base = model.config._attn_implementation or "eager"
+    name = PREFIX + base
+    AttentionInterface.register(name, _mtp_attention)
+    # Ordinary forwards build their masks exactly as the base implementation does; MTP forwards pass a
+    # ready 4D mask, which transformers hands through untouched.
+    mask_function = ALL_MASK_ATTENTION_FUNCTIONS.get(base, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    AttentionMaskInterface.register(name, mask_function)
+    model.set_attn_implementation(name)
+    return base

@@ -1,0 +1,351 @@
+"""MTP generation: prefill, then draft-and-verify steps until every row stops.
+
+Shapes: input_ids / attention_mask [B, P] (left padding), k masks, T tokens per step (`layout.py`).
+
+1. Prefill: the prompt followed by k mask tokens. The last prompt token's output is the first new token
+   t0 (exactly what stock greedy produces); the masks' hidden states, through the sampler chain seeded
+   with t0, give k drafts. Only the prompt's KV is kept.
+2. Step: anchor (last emitted token) + k drafts + mask blocks (quadratic or linear layout). The regular
+   outputs are the verifier's tokens; the longest matching prefix of drafts is accepted, plus the bonus
+   token after it. The next drafts come from the mask block after the last accepted token, seeded with
+   the bonus. Only the anchor's and the accepted drafts' KV is kept (`MTPCache.keep`).
+Regular tokens never see mask tokens and their linears run without LoRA (gate 0), so their outputs are the
+base model's: greedy output is stock greedy output, and sampling follows the model's distribution through
+the lossless acceptance rule. Rows stop on their own (EOS, max_new_tokens), exactly where stock generation
+stops, with the same padding after them.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+import mtp_kernels
+from mtp_kernels.reference import lm_head_logits
+from mtp_kernels.sampler import SamplingParams
+from mtp_model.attention import MTPCache
+from mtp_model.layout import step_layout
+from mtp_model.patch import embed_tokens, gate_context
+
+# Generation options MTP decoding does not implement, with the value that means "off".
+UNSUPPORTED_OPTIONS = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "num_return_sequences": 1,
+    "penalty_alpha": None,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "sequence_bias": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": None,
+    "stop_strings": None,
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "prompt_lookup_num_tokens": None,
+    "assistant_early_exit": None,
+    "watermarking_config": None,
+}
+
+
+@dataclass
+class MTPGenerateOutput(GenerateDecoderOnlyOutput):
+    """Stock generate's output plus the MTP statistics of the call."""
+
+    mtp_stats: dict | None = None
+
+
+def mtp_generate(
+    model,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    generation_config: GenerationConfig | None = None,
+    streamer=None,
+    *,
+    num_masks: int | None = None,
+    decoding: str | None = None,
+    use_sampler: bool | None = None,
+    max_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    **kwargs,
+):
+    """`model.generate` of a patched model. Takes stock generate's arguments plus:
+
+    num_masks: drafts per step, 1..the adapter's k (default k). decoding: "quadratic" or "linear" (default
+    from the config). use_sampler: False drafts with the plain LM head on the mask states (ablation).
+    max_steps: stop after this many forward passes (the paper's evaluation uses 100). generator: the
+    torch.Generator for sampling.
+    """
+    config = copy.deepcopy(generation_config or model.generation_config)
+    inputs = kwargs.pop("inputs", None)
+    input_ids = inputs if input_ids is None else input_ids
+    unused = config.update(**kwargs)
+    options = [f"{name}={value!r}" for name, off in UNSUPPORTED_OPTIONS.items()
+               if (value := getattr(config, name, off)) is not None and value != off]
+    options += [f"{name}=..." for name in unused]
+    if options:
+        warnings.warn(
+            f"MTP decoding does not support {', '.join(options)}; handing this call to stock generate",
+            stacklevel=2,
+        )
+        return type(model).generate(
+            model, input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer, **unused
+        )
+
+    mtp_config = model.mtp_config
+    num_masks = mtp_config.num_masks if num_masks is None else num_masks
+    if not 1 <= num_masks <= mtp_config.num_masks:
+        raise ValueError(f"num_masks must be between 1 and the adapter's {mtp_config.num_masks}, got {num_masks}")
+    input_ids, attention_mask = _check_prompt(model, input_ids, attention_mask)
+    max_new_tokens = config.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = config.max_length - input_ids.shape[1]
+    params = SamplingParams(config.temperature, config.top_k, config.top_p) if config.do_sample else SamplingParams()
+    eos = config.eos_token_id
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+
+    decoder = _Decoder(
+        model,
+        num_masks=num_masks,
+        mode=decoding or mtp_config.decoding,
+        use_sampler=mtp_config.use_sampler if use_sampler is None else use_sampler,
+        params=params,
+        generator=generator,
+    )
+    with torch.no_grad():
+        sequences, stats = decoder.run(
+            input_ids, attention_mask, max(0, max_new_tokens), eos_ids, pad_id, streamer, max_steps
+        )
+    model.mtp_stats = stats
+    if config.return_dict_in_generate:
+        return MTPGenerateOutput(sequences=sequences, mtp_stats=stats)
+    return sequences
+
+
+def _check_prompt(model, input_ids, attention_mask):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        raise ValueError("input_ids must be a [batch, length] tensor of token ids")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.device != model.lm_head.weight.device:
+        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {model.lm_head.weight.device}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= model.config.vocab_size):
+        raise ValueError(f"input_ids holds ids outside the vocabulary [0, {model.config.vocab_size})")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+    attention_mask = attention_mask.to(input_ids.device).long()
+    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        raise ValueError("MTP generation needs left padding (pad tokens before the prompt); set padding_side='left'")
+    if bool((attention_mask.sum(1) == 0).any()):
+        raise ValueError("a row of attention_mask is all padding: every prompt needs at least one token")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = int(attention_mask.sum(1).max())
+    if limit is not None and longest > limit:
+        raise ValueError(f"the prompt has {longest} tokens but the model allows at most {limit}")
+    return input_ids.long(), attention_mask
+
+
+class _Decoder:
+    """One generate call's state: the model, the step layout and the choice of tokens."""
+
+    def __init__(self, model, num_masks, mode, use_sampler, params, generator):
+        self.model = model
+        self.k = num_masks
+        self.mode = mode
+        self.use_sampler = use_sampler
+        self.params = params
+        self.generator = generator
+        self.vocab_size = model.config.vocab_size
+        self.lm_weight = model.lm_head.weight
+        self.device = self.lm_weight.device
+        self.layout = step_layout(num_masks, num_masks, mode, self.device)
+        self.mask_ids = self.vocab_size + torch.arange(num_masks, device=self.device)
+        # The step's token ids with masks filled in; regular slots are overwritten every step.
+        template = self.vocab_size + self.layout.mask_number - 1
+        self.step_template = template.masked_fill(self.layout.mask_number == 0, 0)
+
+    # --- one forward ----------------------------------------------------------------------------------
+
+    def forward(self, ids, positions, cache, block_mask):
+        """[B, T] ids (masks included) at [B, T] positions -> last hidden states [B, T, d]."""
+        with gate_context(self.model, ids >= self.vocab_size):
+            output = self.model.model(
+                inputs_embeds=embed_tokens(self.model, ids),
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                attention_mask=block_mask[None, None],  # a ready 4D mask: transformers builds none
+                mtp_step=cache.step_attention(block_mask),
+            )
+        return output.last_hidden_state
+
+    # --- choosing tokens ------------------------------------------------------------------------------
+
+    def noise(self, *shape):
+        return torch.empty(*shape, self.vocab_size, device=self.device).exponential_(generator=self.generator)
+
+    def verify(self, regular_hidden, drafts):
+        """Regular outputs [B, n+1, d] and drafts [B, n] (-1: none) -> (accepted [B], next token [B])."""
+        B, n1, _ = regular_hidden.shape
+        if self.params.greedy:
+            targets = mtp_kernels.choose_tokens(regular_hidden.reshape(B * n1, -1), self.lm_weight).view(B, n1)
+            return mtp_kernels.accept_greedy(drafts, targets)
+        logits = lm_head_logits(regular_hidden, self.lm_weight)
+        uniform = torch.rand(B, n1 - 1, device=self.device, generator=self.generator)
+        return mtp_kernels.accept_sampling(logits, drafts, self.params, uniform, self.noise(B, n1))
+
+    def first_token(self, hidden):
+        noise = None if self.params.greedy else self.noise(hidden.shape[0])
+        return mtp_kernels.choose_tokens(hidden, self.lm_weight, self.params, noise)
+
+    def draft(self, seed_tokens, mask_hidden):
+        """k drafts [B, k] from the mask states [B, k, d], the first one following `seed_tokens` [B]."""
+        B, k, _ = mask_hidden.shape
+        noise = None if self.params.greedy else self.noise(B, k)
+        if not self.use_sampler:  # ablation: the plain LM head on each mask state
+            flat_noise = None if noise is None else noise.flatten(0, 1)
+            return mtp_kernels.choose_tokens(mask_hidden.flatten(0, 1), self.lm_weight, self.params, flat_noise).view(B, k)
+        return mtp_kernels.draft_chain(
+            self.model.mtp.sampler,
+            self.model.get_input_embeddings().weight,
+            self.lm_weight,
+            seed_tokens,
+            mask_hidden,
+            self.params,
+            noise,
+        )
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def run(self, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, streamer, max_steps):
+        B, P = input_ids.shape
+        k, T, device = self.k, self.layout.size, self.device
+        output = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        stats = _Stats(B, k)
+        if max_new_tokens == 0:
+            return input_ids, stats.summary()
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        cache = MTPCache(len(self.model.model.layers), B, P + k + max_new_tokens + T, device)
+        cache.starts = P - attention_mask.sum(1)
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        rows = torch.arange(B, device=device)
+
+        # Prefill: prompt + k masks; the masks follow the last prompt token.
+        prompt_positions = (torch.arange(P, device=device) - cache.starts[:, None]).clamp(min=0)
+        anchor_position = prompt_positions[:, -1]
+        ids = torch.cat([input_ids, self.mask_ids.expand(B, k)], dim=1)
+        positions = torch.cat([prompt_positions, anchor_position[:, None] + 1 + torch.arange(k, device=device)], 1)
+        causal = torch.ones(P + k, P + k, dtype=torch.bool, device=device).tril()
+        hidden = self.forward(ids, positions, cache, causal)
+        cache.keep(torch.arange(P, device=device).expand(B, P).contiguous(), P + k)
+        anchor = self.first_token(hidden[:, P - 1])
+        drafts = self.draft(anchor, hidden[:, P:])
+        anchor_position = anchor_position + 1
+        generated = torch.zeros(B, dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        finished = self.emit(anchor[:, None], torch.ones(B, dtype=torch.long, device=device), output, generated,
+                             finished, eos, max_new_tokens, stats, streamer)
+
+        regular = self.layout.regular
+        while not bool(finished.all()) and (max_steps is None or stats.steps < max_steps):
+            ids = self.step_template.expand(B, T).clone()
+            ids[:, regular] = torch.cat([anchor[:, None], drafts.clamp(min=0)], dim=1)
+            positions = anchor_position[:, None] + self.layout.position_offset
+            hidden = self.forward(ids, positions, cache, self.layout.block_mask)
+
+            accepted, bonus = self.verify(hidden[:, regular], drafts)
+            emitted = torch.cat([drafts, bonus[:, None]], dim=1)
+            emitted[rows, accepted] = bonus
+            keep = torch.where(torch.arange(k + 1, device=device) <= accepted[:, None], regular, -1)
+            cache.keep(keep.masked_fill(finished[:, None], -1), T)
+
+            mask_rows = self.layout.masks[accepted]  # [B, k], -1 where the last accepted has no block
+            mask_hidden = hidden.gather(1, mask_rows.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
+            finished = self.emit(emitted, accepted + 1, output, generated, finished, eos, max_new_tokens, stats,
+                                 streamer)
+            anchor, anchor_position = bonus, anchor_position + accepted + 1
+            # Linear decoding has fresh drafts only after a full acceptance; -1 marks "no draft".
+            drafts = self.draft(bonus, mask_hidden).masked_fill(mask_rows[:, :1] < 0, -1)
+
+        if streamer is not None:
+            streamer.end()
+        sequences = torch.cat([input_ids, output[:, : int(generated.max())]], dim=1)
+        return sequences, stats.summary(cache_lengths=cache.lengths)
+
+    def emit(self, tokens, counts, output, generated, finished, eos, max_new_tokens, stats, streamer):
+        """Appends each unfinished row's first counts[b] tokens [B, n], cut at EOS and at the budget."""
+        B, n = tokens.shape
+        index = torch.arange(n, device=tokens.device)
+        counts = torch.minimum(counts, max_new_tokens - generated).masked_fill(finished, 0)
+        if eos.numel():
+            is_eos = torch.isin(tokens, eos) & (index < counts[:, None])
+            first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, n + 1)
+            counts = torch.minimum(counts, first_eos)
+            finished = finished | is_eos.any(1)
+        take = index < counts[:, None]
+        row_index = torch.arange(B, device=tokens.device)[:, None].expand(B, n)
+        output[row_index[take], (generated[:, None] + index)[take]] = tokens[take]
+        if streamer is not None:
+            streamer.put(tokens[0, : int(counts[0])].cpu())
+        stats.record(counts)
+        generated += counts
+        return finished | (generated >= max_new_tokens)
+
+
+class _Stats:
+    """Steps, tokens and the histogram of tokens per step, counted for the rows still generating."""
+
+    def __init__(self, batch_size: int, num_masks: int):
+        self.steps = 0
+        self.row_steps = 0
+        self.tokens = 0
+        self.histogram = [0] * (num_masks + 2)  # index n: steps in which a row emitted n tokens
+
+    def record(self, counts: torch.Tensor) -> None:
+        self.steps += 1
+        for count in counts[counts > 0].tolist():
+            self.row_steps += 1
+            self.tokens += count
+            self.histogram[count] += 1
+
+    def summary(self, cache_lengths: torch.Tensor | None = None) -> dict:
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "tokens_per_step": self.tokens / max(self.row_steps, 1),
+            "tokens_per_step_histogram": {n: c for n, c in enumerate(self.histogram) if c},
+            "cache_lengths": None if cache_lengths is None else cache_lengths.tolist(),
+        }
+
+
+def stock_generate(model, *args, **kwargs):
+    """Stock transformers generation on a patched model (same weights, no MTP)."""
+    return type(model).generate(model, *args, **kwargs)
+
+
+__all__: Sequence[str] = ["MTPGenerateOutput", "mtp_generate", "stock_generate"]

@@ -1,0 +1,151 @@
+"""`patch(model)` turns a stock Llama / Qwen2 / Qwen3 / Mistral causal LM into an MTP model, in place.
+
+It adds `model.mtp` (mask embeddings and sampler head), `model.mtp_config`, `model.mtp_gate` (the
+per-forward gate shared by every gated linear), wraps the target projections of every decoder layer in
+`GatedLoRALinear`, switches attention to the MTP-aware implementation and replaces `generate` with MTP
+decoding. The base model's weights are untouched and frozen; `unpatch(model)` restores it exactly.
+
+Mask tokens live outside the model's vocabulary: in the id tensors this package builds, mask i is
+`vocab_size + i`. `embed_tokens` embeds such ids; the gate of a forward is `ids >= vocab_size`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mtp_model import adapter as adapter_io
+from mtp_model.attention import use_mtp_attention
+from mtp_model.config import MTPConfig
+from mtp_model.modules import GateContext, GatedLoRALinear, MTPHead
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def describe_model(model) -> dict:
+    """The facts an adapter must agree with to fit a model."""
+    config = model.config
+    return {
+        "model_type": config.model_type,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "vocab_size": config.vocab_size,
+        "name_or_path": getattr(config, "_name_or_path", "") or "",
+    }
+
+
+def is_patched(model) -> bool:
+    return hasattr(model, "mtp_config")
+
+
+def _check_patchable(model) -> None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"mtp_model.patch supports {', '.join(SUPPORTED_FAMILIES)} causal LMs; got {type(model).__name__} "
+            f"(model_type={model_type!r})"
+        )
+    if not (hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model, "lm_head")):
+        raise ValueError(f"{type(model).__name__} is a {model_type} model without an LM head; pass the *ForCausalLM model")
+    if is_patched(model):
+        raise ValueError("this model is already patched; call mtp_model.unpatch(model) first")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("the model has weights on the meta device; load or materialise them before patching")
+    if model.lm_head.bias is not None:
+        raise ValueError("an LM head with a bias is not supported")
+
+
+def patch(model, config: MTPConfig | None = None, adapter: str | Path | None = None):
+    """Adds MTP to `model` in place and returns it. `adapter` loads a saved adapter (its config wins)."""
+    _check_patchable(model)
+    if adapter is not None:
+        saved = adapter_io.load_config(adapter)
+        if config is not None and config.to_dict() | {"base_model": {}} != saved.to_dict() | {"base_model": {}}:
+            raise ValueError("pass either config= or adapter= (the adapter carries its own config), not both")
+        adapter_io.check_fits(saved, model)
+        config = saved
+    config = MTPConfig.from_dict((config or MTPConfig()).to_dict())
+    config.base_model = describe_model(model)
+
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    weight = model.lm_head.weight
+    gate = GateContext()
+    originals = {}
+    for layer_index, layer in enumerate(model.model.layers):
+        for name, module in list(layer.named_modules()):
+            if name.rsplit(".", 1)[-1] in config.target_modules and isinstance(module, nn.Linear):
+                parent_name, _, child = name.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                originals[f"model.layers.{layer_index}.{name}"] = module
+                setattr(parent, child, GatedLoRALinear(module, config.lora_rank, config.lora_alpha, gate))
+    if not originals:
+        raise ValueError(f"no decoder projection matched target_modules {config.target_modules}")
+
+    embeddings = model.get_input_embeddings().weight
+    init_std = config.mask_init_std or float(embeddings.detach().float().std())
+    model.mtp = MTPHead(config.num_masks, model.config.hidden_size, init_std, device=weight.device, dtype=weight.dtype)
+    model.requires_grad_(False)  # only the LoRA factors and the sampler train
+    for module in model.modules():
+        if isinstance(module, GatedLoRALinear):
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
+    model.mtp.sampler.requires_grad_(True)
+
+    model.mtp_config = config
+    model.mtp_gate = gate
+    model.mtp_stats = None
+    model._mtp_original_modules = originals
+    model._mtp_original_requires_grad = trainable
+    model._mtp_original_attention = use_mtp_attention(model)
+
+    from mtp_model.decoding import mtp_generate  # decoding imports this module
+
+    model.generate = types.MethodType(mtp_generate, model)
+    if adapter is not None:
+        adapter_io.load_weights(model, adapter)
+    return model
+
+
+def unpatch(model):
+    """Restores the model `patch` changed: original linears, attention implementation and generate."""
+    if not is_patched(model):
+        raise ValueError("this model is not patched")
+    for path, original in model._mtp_original_modules.items():
+        parent_name, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, original)
+    model.set_attn_implementation(model._mtp_original_attention)
+    del model.mtp
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(model._mtp_original_requires_grad[name])
+    for name in ("mtp_config", "mtp_gate", "mtp_stats", "_mtp_original_modules", "_mtp_original_attention",
+                 "_mtp_original_requires_grad", "generate"):  # the class's generate shows through again
+        delattr(model, name)
+    return model
+
+
+def mask_token_ids(model, num_masks: int | None = None) -> list[int]:
+    count = model.mtp_config.num_masks if num_masks is None else num_masks
+    return [model.config.vocab_size + i for i in range(count)]
+
+
+def embed_tokens(model, ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] ids (mask i = vocab_size + i) -> [B, S, d] input embeddings."""
+    vocab_size = model.config.vocab_size
+    is_mask = ids >= vocab_size
+    regular = model.get_input_embeddings()(ids.masked_fill(is_mask, 0))
+    masks = model.mtp.mask_embeddings[(ids - vocab_size).clamp(0, model.mtp.num_masks - 1)]
+    return torch.where(is_mask[..., None], masks.to(regular.dtype), regular)
+
+
+@contextlib.contextmanager
+def gate_context(model, gate: torch.Tensor | None):
+    """Sets the gated-LoRA gate ([B, S] bool, True on mask tokens) for the forwards inside the block."""
+    model.mtp_gate.set(gate)
+    try:
+        yield
+    finally:
+        model.mtp_gate.set(None)

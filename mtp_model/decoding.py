@@ -120,7 +120,7 @@ def mtp_generate(
     max_new_tokens = config.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = config.max_length - input_ids.shape[1]
-    params = SamplingParams(config.temperature, config.top_k, config.top_p) if config.do_sample else SamplingParams()
+    params = _sampling_params(config)
     eos = config.eos_token_id
     eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
@@ -141,6 +141,15 @@ def mtp_generate(
     if config.return_dict_in_generate:
         return MTPGenerateOutput(sequences=sequences, mtp_stats=stats)
     return sequences
+
+
+def _sampling_params(config: GenerationConfig) -> SamplingParams:
+    if not config.do_sample:
+        return SamplingParams()
+    temperature = 1.0 if config.temperature is None else config.temperature
+    if temperature <= 0:
+        raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
+    return SamplingParams(temperature, config.top_k or None, config.top_p)  # top_k 0 means no top-k
 
 
 def _check_prompt(model, input_ids, attention_mask):
@@ -264,12 +273,12 @@ class _Decoder:
         hidden = self.forward(ids, positions, cache, causal)
         cache.keep(torch.arange(P, device=device).expand(B, P).contiguous(), P + k)
         anchor = self.first_token(hidden[:, P - 1])
-        drafts = self.draft(anchor, hidden[:, P:])
         anchor_position = anchor_position + 1
         generated = torch.zeros(B, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         finished = self.emit(anchor[:, None], torch.ones(B, dtype=torch.long, device=device), output, generated,
                              finished, eos, max_new_tokens, stats, streamer)
+        drafts = self.draft(anchor, hidden[:, P:])
 
         regular = self.layout.regular
         while not bool(finished.all()) and (max_steps is None or stats.steps < max_steps):

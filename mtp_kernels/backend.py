@@ -10,10 +10,12 @@ Every public op asks `use_triton(tensor)` once per call:
 
 The environment variable is read at every call, so tests can switch modes per test.
 
-Kernels are declared with `@triton_kernel` (and the device functions they call with `@device_function`)
-instead of `@triton.jit`. A `triton_kernel` keeps a compiled and an interpreted version side by side and
-picks one at launch from the device of the tensors it is given. That is the per-kernel choice the
-interpreter needs: setting `TRITON_INTERPRET=1` would switch every Triton user in the process.
+Kernels are declared with `@triton_kernel` instead of `@triton.jit`. A `triton_kernel` keeps a compiled and
+an interpreted version side by side and picks one at launch from the device of the tensors it is given.
+That is the per-kernel choice the interpreter needs: setting `TRITON_INTERPRET=1` would switch every
+Triton user in the process. While one of our kernels runs in the interpreter, the `@triton.jit` helpers
+it calls (ours and Triton's own, such as `tl.zeros`) are interpreted as well; outside that, JITFunctions
+behave exactly as Triton defines them.
 
 The compiled extension `mtp_kernels._C` (KV-cache compaction) is optional: without it the ops fall back to
 their torch implementations and `import mtp_kernels` warns once.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import threading
 import warnings
 
 import torch
@@ -85,16 +88,22 @@ def use_triton(tensor: torch.Tensor) -> bool:
 
 
 if HAS_TRITON:
+    _interpreting = threading.local()
 
-    class _DeviceFunction(JITFunction):
-        """A `@triton.jit` device function that an interpreted kernel can also call.
+    def _call_jit_function(self, *args, **kwargs):
+        # A JITFunction is never called from Python: the compiler inlines it. The one exception is a kernel
+        # running in the interpreter, which executes its body as Python and so calls the @jit helpers it
+        # uses (its own and Triton's, e.g. tl.zeros, tl.max): run those through the interpreter too.
+        if getattr(_interpreting, "active", False):
+            interpreted = self.__dict__.get("_mtp_interpreted")
+            if interpreted is None:
+                interpreted = self.__dict__["_mtp_interpreted"] = InterpretedFunction(self.fn)
+            return interpreted(*args, **kwargs)
+        return _stock_jit_call(self, *args, **kwargs)
 
-        The compiler inlines JITFunctions without calling them, so `__call__` is reached only from a
-        kernel running in the interpreter, where the call must run the Python body directly.
-        """
-
-        def __call__(self, *args, **kwargs):
-            return InterpretedFunction(self.fn)(*args, **kwargs)
+    _stock_jit_call = JITFunction.__call__
+    if JITFunction.__call__.__name__ != _call_jit_function.__name__:  # once, even if reloaded
+        JITFunction.__call__ = _call_jit_function
 
     class TritonKernel:
         """A Triton kernel available both compiled (CUDA tensors) and interpreted (CPU tensors)."""
@@ -114,15 +123,22 @@ if HAS_TRITON:
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
-                kernel = self.compiled if on_cuda else self.interpreted
-                return kernel[grid](*args, **kwargs)
+                if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+                    return self.compiled[grid](*args, **kwargs)
+                _interpreting.active = True
+                try:
+                    return self.interpreted[grid](*args, **kwargs)
+                finally:
+                    _interpreting.active = False
 
             return launch
 
 
 def triton_kernel(fn=None, **jit_kwargs):
-    """Decorator for Triton kernels, used instead of `@triton.jit` (see the module docstring)."""
+    """Decorator for Triton kernels, used instead of `@triton.jit` (see the module docstring).
+
+    Helpers called from a kernel stay plain `@triton.jit` functions.
+    """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
 
@@ -130,15 +146,6 @@ def triton_kernel(fn=None, **jit_kwargs):
         return TritonKernel(f, **jit_kwargs)
 
     return wrap(fn) if fn is not None else wrap
-
-
-def device_function(fn):
-    """Decorator for `@triton.jit` helpers called from a `triton_kernel`."""
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed")
-    jitted = triton.jit(fn)
-    jitted.__class__ = _DeviceFunction
-    return jitted
 
 
 def triton_upcast(tensor: torch.Tensor) -> bool:

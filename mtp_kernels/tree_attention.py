@@ -4,19 +4,122 @@ Shapes: q [B, Hq, T, D]; k, v [B, Hkv, S, D] caches, row b holding its prefix in
 and this step's T new entries in [lengths[b], lengths[b] + T); block_mask [T, T] bool (True = may attend),
 shared by all rows; lengths, starts [B] int: slots before starts[b] (left padding) are never attended to,
 whether in the prefix or in the block. Returns [B, Hq, T, D] in q's dtype. Hq must be a multiple of
-Hkv (grouped-query attention, K/V never repeated).
+Hkv (grouped-query attention, K/V never repeated). A query that may see nothing gets a zero output.
 
-(Triton kernel: to be added; until then every device uses the torch reference.)
+Kernel: flash attention (online softmax in fp32) with the query heads of one KV group folded into the
+rows of a tile, so each K/V tile is loaded once per group rather than once per query head. Each program
+takes BLOCK_M (query, head) rows of one (batch row, KV head): first the row's prefix, where only the
+bounds mask applies, then the T block keys under `block_mask`. Per-row lengths are read on the device,
+so rows of any lengths share one launch with no host sync.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mtp_kernels import reference
+from mtp_kernels import backend, reference
 from mtp_kernels.checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+if backend.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _attend_tile(q, k_ptrs, v_ptrs, load_ok, allowed, m_i, l_i, acc, scale_log2, UPCAST: tl.constexpr):
+        """One online-softmax update of (m_i, l_i, acc) with a [BLOCK_N, BLOCK_D] tile of K and V.
+
+        load_ok [BLOCK_N, BLOCK_D] bounds the loads; allowed [BLOCK_M, BLOCK_N] says which query sees
+        which key.
+        """
+        k = tl.load(k_ptrs, mask=load_ok, other=0.0)
+        v = tl.load(v_ptrs, mask=load_ok, other=0.0)
+        if UPCAST:  # the interpreter (bf16 bits) and fp32 inputs (no tf32 rounding) compute in fp32
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(allowed, scores * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @backend.triton_kernel
+    def _tree_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, lengths_ptr, starts_ptr, block_mask_ptr,
+        T, D, scale_log2,
+        stride_qb, stride_qh, stride_qt,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_oh, stride_ot,
+        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        row_block = tl.program_id(0)
+        batch = tl.program_id(1) // NUM_KV_HEADS
+        kv_head = tl.program_id(1) % NUM_KV_HEADS
+
+        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)  # folded (query t, head in group g)
+        t = rows // GROUP
+        head = kv_head * GROUP + rows % GROUP
+        row_ok = t < T
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+
+        q_ptrs = q_ptr + batch * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + dims[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+
+        length = tl.load(lengths_ptr + batch).to(tl.int32)
+        start = tl.load(starts_ptr + batch).to(tl.int32)
+        k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
+        v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        # The cached prefix: every query sees all of it, padding excepted.
+        every_row = row_ok[:, None] | True
+        first = (start // BLOCK_N) * BLOCK_N
+        for key_start in range(first, length, BLOCK_N):
+            keys = key_start + tl.arange(0, BLOCK_N)
+            key_ok = (keys < length) & (keys >= start)
+            m_i, l_i, acc = _attend_tile(
+                q,
+                k_base + keys[:, None] * stride_ks + dims[None, :],
+                v_base + keys[:, None] * stride_vs + dims[None, :],
+                key_ok[:, None] & dim_ok[None, :],
+                every_row & key_ok[None, :],
+                m_i, l_i, acc, scale_log2, UPCAST,
+            )
+
+        # This step's block, under the tree mask.
+        for block_start in range(0, T, BLOCK_N):
+            j = block_start + tl.arange(0, BLOCK_N)
+            slots = length + j
+            key_ok = (j < T) & (slots >= start)
+            visible = tl.load(block_mask_ptr + t[:, None] * T + j[None, :], mask=row_ok[:, None] & key_ok[None, :],
+                              other=0)
+            m_i, l_i, acc = _attend_tile(
+                q,
+                k_base + slots[:, None] * stride_ks + dims[None, :],
+                v_base + slots[:, None] * stride_vs + dims[None, :],
+                key_ok[:, None] & dim_ok[None, :],
+                visible != 0,
+                m_i, l_i, acc, scale_log2, UPCAST,
+            )
+
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # nothing visible: zero output
+        out_ptrs = out_ptr + batch * stride_ob + head[:, None] * stride_oh + t[:, None] * stride_ot + dims[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
 def _check_inputs(q, k, v, lengths, block_mask, starts):
@@ -42,10 +145,38 @@ def _check_inputs(q, k, v, lengths, block_mask, starts):
         check_tensor("starts", starts, ndim=1, dtypes=INDEX_DTYPES, device=device)
         if starts.shape[0] != B:
             raise ValueError(f"starts has {starts.shape[0]} entries for a batch of {B}")
-    if B and int(lengths.max()) + T > k.shape[2]:
+    # Reading lengths would sync a GPU on every layer of every step; on CPU it is free, so check there.
+    if not q.is_cuda and B and int(lengths.max()) + T > k.shape[2]:
         raise ValueError(f"lengths + T = {int(lengths.max()) + T} exceeds the cache's {k.shape[2]} slots")
+
+
+def _block_sizes(rows: int, head_dim: int, on_cuda: bool) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if not on_cuda:  # the interpreter's cost is per program and per op: few, large tiles
+        return max(16, min(128, triton.next_power_of_2(rows))), 64, block_d
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 or block_d > 128 else 64
+    return block_m, (32 if block_d > 128 else 64), block_d
 
 
 def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
     _check_inputs(q, k, v, lengths, block_mask, starts)
-    return reference.tree_attention(q, k, v, lengths, block_mask, scale, starts)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not backend.use_triton(q):
+        return reference.tree_attention(q, k, v, lengths, block_mask, scale, starts)
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    starts = torch.zeros_like(lengths) if starts is None else starts
+    out = torch.empty_like(q)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    block_m, block_n, block_d = _block_sizes(T * group, D, q.is_cuda)
+    grid = (triton.cdiv(T * group, block_m), B * Hkv)
+    _tree_attention_kernel[grid](
+        q, k, v, out, lengths, starts, block_mask.to(torch.int8),
+        T, D, scale * 1.4426950408889634,  # exp2 instead of exp: fold log2(e) into the scale
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        NUM_KV_HEADS=Hkv, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        UPCAST=(not q.is_cuda) or q.dtype == torch.float32,
+    )
+    return out

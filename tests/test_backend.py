@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 
-@backend.device_function
+@triton.jit
 def _twice(x):
     return x * 2
 
@@ -23,7 +23,7 @@ def _scale_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n
     x = tl.load(x_ptr + offsets, mask=inside).to(tl.float32)
-    tl.store(y_ptr + offsets, _twice(x) + 1, mask=inside)
+    tl.store(y_ptr + offsets, _twice(x) + tl.zeros([BLOCK], dtype=tl.float32) + 1, mask=inside)
 
 
 def test_mode_defaults_to_auto_and_rejects_unknown(monkeypatch):
@@ -42,7 +42,7 @@ def test_cpu_tensors_use_reference_unless_interpret(monkeypatch, env, expected):
     assert backend.use_triton(torch.zeros(1)) is expected
 
 
-def test_interpreted_kernel_with_device_function_runs_on_cpu():
+def test_interpreted_kernel_with_jit_helpers_runs_on_cpu():
     x = torch.randn(37, dtype=torch.bfloat16)
     y = torch.empty(37, dtype=torch.float32)
     _scale_kernel[(triton.cdiv(37, 16),)](x, y, 37, BLOCK=16)
@@ -55,7 +55,10 @@ def test_interpreter_choice_does_not_leak_to_the_process():
     def untouched(x_ptr):
         pass
 
-    assert type(triton.jit(untouched)) is triton.runtime.jit.JITFunction
+    helper = triton.jit(untouched)
+    assert type(helper) is triton.runtime.jit.JITFunction
+    with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
+        helper(None)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")

@@ -1,0 +1,131 @@
+"""tree_attention against a float64 reference and SDPA with a materialised mask."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mtp_kernels
+from mtp_kernels import reference
+from mtp_model.layout import step_layout
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def quadratic_mask(k):
+    return step_layout(k, k, "quadratic", torch.device("cpu")).block_mask
+
+
+def random_inputs(B, Hq, Hkv, T, D, S, dtype, seed, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, T, D, generator=generator).to(dtype)
+    k = torch.randn(B, Hkv, S, D, generator=generator).to(dtype)
+    v = torch.randn(B, Hkv, S, D, generator=generator).to(dtype)
+    lengths = torch.randint(0, S - T + 1, (B,), generator=generator)
+    starts = (torch.rand(B, generator=generator) * lengths).long()
+    return [t.to(device) for t in (q, k, v, lengths, starts)]
+
+
+def sdpa_same_dtype(q, k, v, lengths, block_mask, starts):
+    """Torch's own attention in q's dtype with a materialised [B, 1, T, S] mask: the baseline error."""
+    allowed = reference.tree_attention_allowed(lengths, block_mask, k.shape[2], starts)
+    group = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=allowed[:, None]
+    )
+    return out.nan_to_num(0.0)  # SDPA gives NaN where a query sees nothing; the op gives 0
+
+
+def check_close(out, q, k, v, lengths, block_mask, starts):
+    """Error vs a float64 reference within 2x the error of torch's SDPA in the same dtype, plus one unit of
+    rounding at the output's scale (both round once to the output dtype, on either side of the truth)."""
+    exact = reference.tree_attention(q.double(), k.double(), v.double(), lengths, block_mask, None, starts)
+    baseline = sdpa_same_dtype(q, k, v, lengths, block_mask, starts).double()
+    atol = torch.finfo(q.dtype).eps * max(exact.abs().max().item(), 1.0)
+    budget = 2 * (baseline - exact).abs().max().item() + atol
+    error = (out.double() - exact).abs().max().item()
+    assert error <= budget, f"max error {error:.3g} > {budget:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("D", "T", "mask"), [(64, 16, "quadratic3"), (80, 9, "random"), (96, 4, "causal"), (128, 1, "causal"), (256, 25, "quadratic4")])
+def test_matches_float64_reference(kernel_mode, dtype, D, T, mask):
+    q, k, v, lengths, starts = random_inputs(3, 4, 2, T, D, 48, dtype, seed=D + T)
+    if mask == "random":
+        block_mask = torch.rand(T, T, generator=torch.Generator().manual_seed(T)) > 0.5
+        block_mask[1] = False  # a query that sees nothing in the block
+    elif mask == "causal":
+        block_mask = torch.ones(T, T, dtype=torch.bool).tril()
+    else:
+        block_mask = quadratic_mask(int(mask[-1]))
+    out = mtp_kernels.tree_attention(q, k, v, lengths, block_mask, None, starts)
+    assert out.shape == q.shape and out.dtype == dtype
+    check_close(out, q, k, v, lengths, block_mask, starts)
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_grouped_query_heads(kernel_mode, group):
+    q, k, v, lengths, _ = random_inputs(2, 2 * group, 2, 9, 64, 30, torch.float32, seed=group)
+    out = mtp_kernels.tree_attention(q, k, v, lengths, quadratic_mask(2))
+    check_close(out, q, k, v, lengths, quadratic_mask(2), None)
+
+
+def test_query_that_sees_nothing_gives_zeros(kernel_mode):
+    q, k, v, _, _ = random_inputs(2, 2, 1, 4, 64, 12, torch.float32, seed=0)
+    lengths = torch.tensor([0, 3])
+    starts = torch.tensor([0, 3])  # row 1's prefix is all padding
+    block_mask = torch.eye(4, dtype=torch.bool)
+    block_mask[2, 2] = False
+    out = mtp_kernels.tree_attention(q, k, v, lengths, block_mask, None, starts)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    check_close(out, q, k, v, lengths, block_mask, starts)
+
+
+def test_reference_matches_sdpa_with_a_materialised_mask():
+    q, k, v, lengths, starts = random_inputs(3, 8, 2, 16, 64, 40, torch.float32, seed=3)
+    block_mask = quadratic_mask(3)
+    expected = sdpa_same_dtype(q, k, v, lengths, block_mask, starts)
+    torch.testing.assert_close(reference.tree_attention(q, k, v, lengths, block_mask, None, starts), expected)
+
+
+def test_quadratic_mask_rule():
+    k = 2
+    mask = quadratic_mask(k)
+    for query in range((k + 1) ** 2):
+        for key in range((k + 1) ** 2):
+            (g1, r1), (g2, r2) = divmod(query, k + 1), divmod(key, k + 1)
+            rule = (r2 == 0 and g2 <= g1) or (g2 == g1 and 0 < r2 <= r1)
+            assert bool(mask[query, key]) == rule, (query, key)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"q": torch.zeros(2, 3, 4, 64), "k": torch.zeros(2, 2, 12, 64), "v": torch.zeros(2, 2, 12, 64)}, "multiple"),
+        ({"k": torch.zeros(2, 1, 12, 32), "v": torch.zeros(2, 1, 12, 32)}, "head dim"),
+        ({"v": torch.zeros(2, 1, 12, 64, dtype=torch.float16)}, "dtype"),
+        ({"block_mask": torch.ones(3, 3, dtype=torch.bool)}, "block_mask"),
+        ({"block_mask": torch.ones(4, 4)}, "block_mask"),
+        ({"lengths": torch.tensor([0])}, "lengths"),
+        ({"lengths": torch.tensor([0, 9])}, "exceeds"),
+        ({"starts": torch.tensor([0.0, 1.0])}, "starts"),
+    ],
+)
+def test_bad_input(change, message):
+    inputs = dict(
+        q=torch.zeros(2, 2, 4, 64), k=torch.zeros(2, 1, 12, 64), v=torch.zeros(2, 1, 12, 64),
+        lengths=torch.tensor([0, 3]), block_mask=torch.ones(4, 4, dtype=torch.bool), starts=None,
+    )
+    inputs.update(change)
+    with pytest.raises(ValueError, match=message):
+        mtp_kernels.tree_attention(inputs["q"], inputs["k"], inputs["v"], inputs["lengths"], inputs["block_mask"],
+                                   None, inputs["starts"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("D", "T", "S"), [(64, 81, 700), (128, 1, 2100), (128, 16, 300), (80, 25, 130), (256, 9, 90)])
+def test_compiled_kernel_on_gpu(dtype, D, T, S):
+    q, k, v, lengths, starts = random_inputs(4, 32, 8, T, D, S, dtype, seed=T, device="cuda")
+    block_mask = quadratic_mask(8).cuda() if T == 81 else torch.ones(T, T, dtype=torch.bool, device="cuda").tril()
+    out = mtp_kernels.tree_attention(q, k, v, lengths, block_mask, None, starts)
+    check_close(out, q, k, v, lengths, block_mask, starts)

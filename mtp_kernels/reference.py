@@ -30,18 +30,19 @@ def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate):
     """`x W^T + b`, plus `scaling * (x A^T) B^T` on the rows whose gate is set.
 
     Rows with gate 0 are exactly `F.linear(x, weight, bias)`: the LoRA term is computed on the gathered
-    gated rows only (in fp32) and added into theirs, so its cost follows the number of gated rows.
+    gated rows only (in fp32, fp64 for fp64 inputs) and added into theirs, so its cost follows the number of gated rows.
     Differentiable with respect to x, lora_a and lora_b.
     """
     out = F.linear(x, weight, bias)
     rows = gate.reshape(-1).nonzero().squeeze(1)
     if rows.numel() == 0:
         return out
+    wide = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     x2d = x.reshape(-1, x.shape[-1])
-    shrunk = x2d.index_select(0, rows).float() @ lora_a.float().t()
-    delta = (shrunk @ lora_b.float().t()) * scaling
+    shrunk = x2d.index_select(0, rows).to(wide) @ lora_a.to(wide).t()
+    delta = (shrunk @ lora_b.to(wide).t()) * scaling
     out2d = out.reshape(-1, out.shape[-1])
-    updated = out2d.index_select(0, rows).float() + delta
+    updated = out2d.index_select(0, rows).to(wide) + delta
     return out2d.index_copy(0, rows, updated.to(out.dtype)).reshape(out.shape)
 
 

@@ -1,0 +1,122 @@
+"""gated_lora_linear and GatedLoRALinear: exact base rows, LoRA rows vs float64, gradients, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mtp_kernels
+from mtp_kernels import reference
+from mtp_model.modules import GateContext, GatedLoRALinear
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make(rows, in_features, out_features, rank, dtype, gated="random", bias=True, seed=0, lead=()):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=generator) / shape[-1] ** 0.5).to(dtype)
+
+    x = rand(*lead, rows, in_features) * in_features**0.5
+    gate = {
+        "random": torch.rand(*lead, rows, generator=generator) < 0.7,
+        "none": torch.zeros(*lead, rows, dtype=torch.bool),
+        "all": torch.ones(*lead, rows, dtype=torch.bool),
+    }[gated]
+    return x, rand(out_features, in_features), rand(out_features) if bias else None, rand(rank, in_features), rand(out_features, rank), gate
+
+
+def assert_lora_rows_close(out, x, weight, bias, a, b, scaling, gate):
+    exact = reference.gated_lora_linear(*(t.double() if t is not None else None for t in (x, weight, bias, a, b)), scaling, gate)
+    same_dtype = reference.gated_lora_linear(x, weight, bias, a, b, scaling, gate).double()
+    budget = 2 * (same_dtype - exact).abs().max().item() + torch.finfo(x.dtype).eps * max(exact.abs().max().item(), 1.0)
+    assert (out.double() - exact).abs().max().item() <= budget
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "in_f", "out_f", "rank"), [(37, 70, 50, 5), (1, 33, 17, 1), (81, 64, 96, 16), (20, 48, 40, 256)])
+@pytest.mark.parametrize("gated", ["random", "none", "all"])
+def test_forward(kernel_mode, dtype, rows, in_f, out_f, rank, gated):
+    x, weight, bias, a, b, gate = make(rows, in_f, out_f, rank, dtype, gated, seed=rows + rank)
+    out = mtp_kernels.gated_lora_linear(x, weight, bias, a, b, 2.0, gate)
+    base = F.linear(x, weight, bias)
+    assert out.dtype == dtype and out.shape == base.shape
+    assert torch.equal(out[~gate], base[~gate])  # ungated rows: bit-identical to the plain layer
+    assert_lora_rows_close(out, x, weight, bias, a, b, 2.0, gate)
+
+
+def test_leading_dims_and_no_bias(kernel_mode):
+    x, weight, _, a, b, gate = make(7, 40, 24, 4, torch.float32, lead=(3,), bias=False)
+    out = mtp_kernels.gated_lora_linear(x, weight, None, a, b, 0.5, gate)
+    assert out.shape == (3, 7, 24)
+    assert torch.equal(out[~gate], F.linear(x, weight)[~gate])
+    assert_lora_rows_close(out, x, weight, None, a, b, 0.5, gate)
+
+
+def test_backward_matches_autograd_through_the_reference(kernel_mode):
+    x, weight, bias, a, b, gate = make(29, 40, 24, 6, torch.float32, seed=3)
+    weight.requires_grad_(True)
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+    grad_out = torch.randn(29, 24)
+    mtp_kernels.gated_lora_linear(leaves[0], weight, bias, leaves[1], leaves[2], 1.5, gate).backward(grad_out)
+    expected = [t.clone().requires_grad_(True) for t in (x, a, b)]
+    weight_ref = weight.detach().clone().requires_grad_(True)
+    reference.gated_lora_linear(expected[0], weight_ref, bias, expected[1], expected[2], 1.5, gate).backward(grad_out)
+    for got, want in zip(leaves, expected):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weight.grad, weight_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck_float64(kernel_mode):
+    x, weight, bias, a, b, gate = make(9, 12, 7, 3, torch.float64, seed=4)
+    inputs = [t.requires_grad_(True) for t in (x, a, b)]
+    assert torch.autograd.gradcheck(lambda x, a, b: mtp_kernels.gated_lora_linear(x, weight, bias, a, b, 1.5, gate), inputs)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"x": torch.zeros(5, 9)}, "x"),
+        ({"weight": torch.zeros(6, 8, dtype=torch.float16)}, "weight"),
+        ({"bias": torch.zeros(5)}, "bias"),
+        ({"lora_a": torch.zeros(2, 9)}, "lora_a"),
+        ({"lora_b": torch.zeros(6, 3)}, "lora_b"),
+        ({"gate": torch.zeros(4, dtype=torch.bool)}, "gate"),
+        ({"gate": torch.zeros(5)}, "gate"),
+    ],
+)
+def test_bad_input_names_the_tensor(change, message):
+    inputs = dict(x=torch.zeros(5, 8), weight=torch.zeros(6, 8), bias=torch.zeros(6), lora_a=torch.zeros(2, 8),
+                  lora_b=torch.zeros(6, 2), gate=torch.zeros(5, dtype=torch.bool))
+    inputs.update(change)
+    with pytest.raises(ValueError, match=message):
+        mtp_kernels.gated_lora_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_a"],
+                                      inputs["lora_b"], 1.0, inputs["gate"])
+
+
+def test_module_uses_peft_names_and_reads_the_shared_gate(kernel_mode):
+    context = GateContext()
+    base = torch.nn.Linear(16, 12)
+    layer = GatedLoRALinear(base, rank=4, alpha=8, context=context)
+    assert set(dict(layer.named_parameters())) == {"base_layer.weight", "base_layer.bias", "lora_A.weight", "lora_B.weight"}
+    assert layer.scaling == 2.0 and torch.equal(layer.lora_B.weight, torch.zeros(12, 4))
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(layer(x), base(x))  # no gate set: the base layer
+    gate = torch.zeros(2, 5, dtype=torch.bool)
+    gate[1, 3] = True
+    context.set(gate)
+    out = layer(x)
+    assert torch.equal(out[~gate], base(x)[~gate])
+    expected = base(x)[1, 3] + 2.0 * layer.lora_B(layer.lora_A(x[1, 3]))
+    torch.testing.assert_close(out[1, 3], expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "in_f", "out_f", "rank"), [(81, 4096, 1024, 16), (648, 4096, 4096, 128), (1, 14336, 4096, 16), (333, 100, 77, 3)])
+def test_compiled_kernels_on_gpu(dtype, rows, in_f, out_f, rank):
+    x, weight, bias, a, b, gate = (t.cuda() if t is not None else None for t in make(rows, in_f, out_f, rank, dtype))
+    out = mtp_kernels.gated_lora_linear(x, weight, bias, a, b, 2.0, gate)
+    assert torch.equal(out[~gate], F.linear(x, weight, bias)[~gate])
+    assert_lora_rows_close(out, x, weight, bias, a, b, 2.0, gate)

@@ -45,10 +45,14 @@ def test_gated_lora(benchmark, shape, rows, rank):
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("rank", RANKS)
 def test_peft_lora(benchmark, shape, rows, rank):
-    from peft.tuners.lora.layer import Linear as PeftLinear
+    from peft import LoraConfig, get_peft_model
 
     linear, x, a, b, _ = layer_inputs(shape, rows, rank)
-    layer = PeftLinear(linear, adapter_name="default", r=rank, lora_alpha=2 * rank).to(DEVICE, DTYPE)
+    holder = torch.nn.Module()
+    holder.proj = linear
+    # Through get_peft_model: the stable public API across peft versions.
+    peft_model = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"]))
+    layer = peft_model.base_model.model.proj.to(DEVICE, DTYPE)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(a)
         layer.lora_B["default"].weight.copy_(b)

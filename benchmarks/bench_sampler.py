@@ -1,0 +1,75 @@
+"""Fused LM-head choice against torch matmul + argmax / multinomial.
+
+Shapes: vocabulary 32k, 128k, 152k; d in {2048, 4096}; N in {1, 8, 64, 512} rows; bf16 on a GPU. Target on
+H100/H200: at least 1.3x faster than torch for N >= 8, with no [N, V] logits allocated (extra_info records
+the peak memory above the inputs).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from common import DEVICE, DTYPE, ON_GPU, grid, run
+
+import mtp_kernels
+from mtp_kernels import SamplingParams
+
+VOCABS = grid([32000, 128256, 151936], [1000])
+DIMS = grid([2048, 4096], [64])
+ROWS = grid([1, 8, 64, 512], [1, 8])
+
+
+def inputs(N, V, D):
+    generator = torch.Generator().manual_seed(N)
+    hidden = torch.randn(N, D, generator=generator).to(DEVICE, DTYPE)
+    weight = (torch.randn(V, D, generator=generator) / D**0.5).to(DEVICE, DTYPE)
+    return hidden, weight
+
+
+def peak_extra_bytes(fn):
+    if not ON_GPU:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.parametrize("V", VOCABS)
+@pytest.mark.parametrize("D", DIMS)
+@pytest.mark.parametrize("N", ROWS)
+def test_fused_greedy(benchmark, V, D, N):
+    hidden, weight = inputs(N, V, D)
+    benchmark.group = f"greedy V={V} d={D} N={N}"
+    run(benchmark, mtp_kernels.choose_tokens, hidden, weight)
+    benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(lambda: mtp_kernels.choose_tokens(hidden, weight))
+
+
+@pytest.mark.parametrize("V", VOCABS)
+@pytest.mark.parametrize("D", DIMS)
+@pytest.mark.parametrize("N", ROWS)
+def test_torch_greedy(benchmark, V, D, N):
+    hidden, weight = inputs(N, V, D)
+    benchmark.group = f"greedy V={V} d={D} N={N}"
+    run(benchmark, lambda: F.linear(hidden, weight).argmax(-1))
+    benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(lambda: F.linear(hidden, weight).argmax(-1))
+
+
+@pytest.mark.parametrize("V", VOCABS)
+@pytest.mark.parametrize("D", DIMS)
+@pytest.mark.parametrize("N", ROWS)
+def test_fused_sampling(benchmark, V, D, N):
+    hidden, weight = inputs(N, V, D)
+    noise = torch.empty(N, V, device=DEVICE).exponential_()
+    benchmark.group = f"sample V={V} d={D} N={N}"
+    run(benchmark, mtp_kernels.choose_tokens, hidden, weight, SamplingParams(0.8), noise)
+
+
+@pytest.mark.parametrize("V", VOCABS)
+@pytest.mark.parametrize("D", DIMS)
+@pytest.mark.parametrize("N", ROWS)
+def test_torch_multinomial(benchmark, V, D, N):
+    hidden, weight = inputs(N, V, D)
+    benchmark.group = f"sample V={V} d={D} N={N}"
+    run(benchmark, lambda: torch.multinomial((F.linear(hidden, weight).float() / 0.8).softmax(-1), 1))

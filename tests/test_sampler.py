@@ -1,0 +1,164 @@
+"""Fused LM-head choice, the draft chain and the acceptance rules."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mtp_kernels
+from mtp_kernels import SamplingParams, reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CHI_SQUARE_CRITICAL_DF4_P001 = 18.467  # chi-square, 4 degrees of freedom, p = 0.001
+
+
+def head(N, V, D, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(N, D, generator=generator).to(dtype), torch.randn(V, D, generator=generator).to(dtype)
+
+
+def exp_noise(*shape, seed=0):
+    return torch.empty(*shape).exponential_(generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("N", "V", "D"), [(1, 1000, 72), (7, 257, 64), (33, 1531, 40)])
+def test_greedy_equals_argmax_of_full_logits(kernel_mode, dtype, N, V, D):
+    hidden, weight = head(N, V, D, dtype, seed=N)
+    tokens = mtp_kernels.choose_tokens(hidden, weight)
+    assert torch.equal(tokens, F.linear(hidden, weight).argmax(-1))
+
+
+def test_ties_go_to_the_lowest_index(kernel_mode):
+    hidden = torch.ones(3, 16)
+    weight = torch.zeros(600, 16)
+    weight[[5, 300, 599]] = 1.0  # three equal maxima, in different vocabulary tiles
+    weight[[2, 1]] = -1.0
+    assert mtp_kernels.choose_tokens(hidden, weight).tolist() == [5, 5, 5]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1e-4, 0.7, 1.0, 3.0])
+def test_sampling_equals_reference_with_the_same_noise(kernel_mode, dtype, temperature):
+    hidden, weight = head(6, 700, 48, dtype, seed=3)
+    noise = exp_noise(6, 700, seed=4)
+    params = SamplingParams(temperature)
+    expected = reference.choose_tokens(hidden, weight, temperature, None, None, noise)
+    assert torch.equal(mtp_kernels.choose_tokens(hidden, weight, params, noise), expected)
+
+
+def test_temperature_near_zero_is_greedy(kernel_mode):
+    hidden, weight = head(9, 301, 32, torch.float32, seed=5)
+    params = SamplingParams(1e-6)
+    assert torch.equal(mtp_kernels.choose_tokens(hidden, weight, params, exp_noise(9, 301)),
+                       mtp_kernels.choose_tokens(hidden, weight))
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(5, None), (None, 0.8), (20, 0.5), (1, None)])
+def test_top_k_top_p_follow_the_reference(kernel_mode, top_k, top_p):
+    hidden, weight = head(11, 301, 32, torch.float32, seed=6)
+    noise = exp_noise(11, 301, seed=7)
+    params = SamplingParams(0.9, top_k, top_p)
+    expected = reference.choose_tokens(hidden, weight, 0.9, top_k, top_p, noise)
+    tokens = mtp_kernels.choose_tokens(hidden, weight, params, noise)
+    assert torch.equal(tokens, expected)
+    if top_k == 1:
+        assert torch.equal(tokens, mtp_kernels.choose_tokens(hidden, weight))
+
+
+def test_draft_chain_feeds_each_draft_back(kernel_mode):
+    torch.manual_seed(0)
+    V, d, B, k = 50, 16, 3, 4
+    embed, lm = torch.randn(V, d), torch.randn(V, d)
+    mlp = torch.nn.Sequential(torch.nn.Linear(2 * d, d), torch.nn.SiLU())
+    first, latents = torch.randint(0, V, (B,)), torch.randn(B, k, d)
+    with torch.no_grad():
+        drafts = mtp_kernels.draft_chain(mlp, embed, lm, first, latents)
+        previous = first
+        for j in range(k):
+            expected = (mlp(torch.cat([embed[previous], latents[:, j]], -1)) @ lm.t()).argmax(-1)
+            assert torch.equal(drafts[:, j], expected)
+            previous = expected
+
+
+def test_accept_greedy_is_a_prefix_not_a_count():
+    drafts = torch.tensor([[4, 5, 6], [4, 9, 6], [7, 5, 6], [4, 5, 6], [-1, -1, -1]])
+    targets = torch.tensor([[4, 5, 6, 8], [4, 5, 6, 8], [4, 5, 6, 8], [4, 5, 1, 8], [4, 5, 6, 8]])
+    accepted, next_token = mtp_kernels.accept_greedy(drafts, targets)
+    assert accepted.tolist() == [3, 1, 0, 2, 0]  # row 2 matches later drafts but not the first
+    assert next_token.tolist() == [8, 5, 4, 1, 4]
+
+
+def _chi_square(samples, probs):
+    counts = torch.bincount(samples, minlength=probs.numel()).double()
+    expected = probs.double() * samples.numel()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("draft_kind", ["likely", "unlikely", "from_another_distribution", "none"])
+def test_acceptance_keeps_the_target_distribution(draft_kind):
+    n, V = 40_000, 5
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.tensor([[1.0, 0.2, -0.5, 0.7, -1.5], [0.1, 1.2, 0.3, -0.4, 0.0]])
+    params = SamplingParams(temperature=0.8)
+    target = (logits / 0.8).softmax(-1)
+    if draft_kind == "likely":
+        drafts = torch.full((n, 1), 0)
+    elif draft_kind == "unlikely":
+        drafts = torch.full((n, 1), 4)
+    elif draft_kind == "none":
+        drafts = torch.full((n, 1), -1)
+    else:
+        q = torch.tensor([0.05, 0.05, 0.6, 0.1, 0.2])
+        drafts = torch.multinomial(q, n, replacement=True, generator=generator)[:, None]
+    uniform = torch.rand(n, 1, generator=generator)
+    noise = torch.empty(n, 2, V).exponential_(generator=generator)
+    accepted, next_token = mtp_kernels.accept_sampling(logits.expand(n, 2, V), drafts, params, uniform, noise)
+    first = torch.where(accepted == 1, drafts[:, 0], next_token)
+    assert _chi_square(first, target[0]) < CHI_SQUARE_CRITICAL_DF4_P001
+    if draft_kind != "none":  # after accepting, the bonus token follows the next distribution
+        assert _chi_square(next_token[accepted == 1], target[1]) < CHI_SQUARE_CRITICAL_DF4_P001
+    else:
+        assert int(accepted.sum()) == 0
+
+
+def test_acceptance_rule_is_exact_against_the_reference():
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 4, 30, generator=generator)
+    drafts = torch.randint(0, 30, (6, 3), generator=generator)
+    uniform = torch.rand(6, 3, generator=generator)
+    noise = torch.empty(6, 4, 30).exponential_(generator=generator)
+    params = SamplingParams(1.3, top_k=10)
+    got = mtp_kernels.accept_sampling(logits, drafts, params, uniform, noise)
+    expected = reference.accept_sampling(logits, drafts, uniform, noise, 1.3, 10, None)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: SamplingParams(temperature=-0.1), "temperature"),
+        (lambda: SamplingParams(0.5, top_p=0.0), "top_p"),
+        (lambda: SamplingParams(0.5, top_p=1.2), "top_p"),
+        (lambda: SamplingParams(0.5, top_k=0), "top_k"),
+        (lambda: mtp_kernels.choose_tokens(torch.zeros(2, 8), torch.zeros(5, 9)), "weight"),
+        (lambda: mtp_kernels.choose_tokens(torch.zeros(2, 8), torch.zeros(5, 8), SamplingParams(1.0)), "noise"),
+        (lambda: mtp_kernels.choose_tokens(torch.zeros(2, 8), torch.zeros(5, 8), SamplingParams(1.0), torch.ones(2, 4)), "noise"),
+        (lambda: mtp_kernels.accept_greedy(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)), "one more"),
+        (lambda: mtp_kernels.accept_sampling(torch.zeros(2, 4, 5), torch.zeros(2, 3, dtype=torch.long), SamplingParams(), torch.zeros(2, 3), torch.ones(2, 4, 5)), "temperature"),
+        (lambda: mtp_kernels.accept_sampling(torch.zeros(2, 4, 5), torch.zeros(2, 3, dtype=torch.long), SamplingParams(1.0), torch.zeros(2, 2), torch.ones(2, 4, 5)), "uniform"),
+    ],
+)
+def test_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("N", "V", "D"), [(1, 32000, 2048), (64, 128256, 4096), (512, 151936, 2048), (3, 1001, 80)])
+def test_compiled_choice_on_gpu(dtype, N, V, D):
+    hidden, weight = (t.cuda() for t in head(N, V, D, dtype))
+    assert torch.equal(mtp_kernels.choose_tokens(hidden, weight), F.linear(hidden, weight).argmax(-1))
+    noise = exp_noise(N, V).cuda()
+    expected = reference.choose_tokens(hidden, weight, 0.8, None, None, noise)
+    assert torch.equal(mtp_kernels.choose_tokens(hidden, weight, SamplingParams(0.8), noise), expected)

@@ -1,5 +1,8 @@
 """Token layouts of MTP forwards: which token goes where, at which position, seeing what.
 
+Both layouts share one attention rule over (anchor, mask number) pairs; see the decoding and training
+sections below.
+
 Decoding. A step feeds the anchor (the last verified token, not yet cached) followed by n drafts, and k
 mask tokens after some of them. Regular token g (anchor g = 0, draft g >= 1) sits at position P + g; mask i
 (1..k) after regular token g sits at P + g + i. Regular token g sees the cached prefix and regular tokens
@@ -52,7 +55,7 @@ def step_layout(num_drafts: int, num_masks: int, mode: str, device: torch.device
     query_mask, key_mask = mask_number[:, None], mask_number[None, :]
     sees_regular = (key_mask == 0) & (key_anchor <= query_anchor)
     sees_own_block = (key_anchor == query_anchor) & (key_mask > 0) & (key_mask <= query_mask)
-    block_mask = sees_regular | (sees_own_block & (query_mask > 0))
+    block_mask = sees_regular | sees_own_block
 
     index = {token: position for position, token in enumerate(tokens)}
     regular = torch.tensor([index[(g, 0)] for g in range(num_drafts + 1)])
@@ -67,3 +70,67 @@ def step_layout(num_drafts: int, num_masks: int, mode: str, device: torch.device
         position_offset=(anchor_of + mask_number).to(device),
         block_mask=block_mask.to(device),
     )
+
+
+# --- training ----------------------------------------------------------------------------------------
+#
+# Training. k masks follow every loss-bearing token of a sequence x_0..x_{n-1} (token i is loss-bearing when
+# its label x_{i+1} is a response token); none follow prompt tokens. Every token carries (anchor a, mask
+# number r): a regular token x_i is (i, 0), mask j after x_i is (i, j). The attention rule is the decoding
+# one: query (a1, r1) sees key (a2, r2) iff (r2 == 0 and a2 <= a1) or (a2 == a1 and 0 < r2 <= r1). So one
+# forward simulates, for every response position, "the first i tokens + k masks".
+
+
+@dataclass(frozen=True)
+class TrainingLayout:
+    """One training sequence of L tokens; every tensor is [L]."""
+
+    input_ids: torch.Tensor  # regular ids, mask j = vocab_size + j - 1
+    position_ids: torch.Tensor  # a + r
+    anchor: torch.Tensor  # a: index in the original sequence of the regular token the token follows
+    mask_number: torch.Tensor  # r: 0 for regular tokens, j for mask j
+    labels: torch.Tensor  # x_{a+r+1}, or -100 where there is none or it is a prompt token
+    previous_ids: torch.Tensor  # the sampler's teacher-forced previous token x_{a+r}
+    consistency_target: torch.Tensor  # for masks: layout index of regular x_{a+r} (-1: none); -1 for regulars
+
+
+def training_layout(input_ids: torch.Tensor, loss_mask: torch.Tensor, num_masks: int, vocab_size: int,
+                    ignore_index: int = -100) -> TrainingLayout:
+    """Lays out one sequence (ids [n], loss_mask [n] bool, True on response tokens) for MTP training."""
+    if input_ids.ndim != 1 or loss_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and loss_mask must be [n] each; got {tuple(input_ids.shape)} and "
+                         f"{tuple(loss_mask.shape)}")
+    n = input_ids.shape[0]
+    ids = input_ids.tolist()
+    response = loss_mask.bool().tolist()
+    tokens = []  # (anchor a, mask number r)
+    for i in range(n):
+        tokens.append((i, 0))
+        if i + 1 < n and response[i + 1]:
+            tokens += [(i, j) for j in range(1, num_masks + 1)]
+    regular_slot = {a: slot for slot, (a, r) in enumerate(tokens) if r == 0}
+
+    def label(target):
+        return ids[target] if target < n and response[target] else ignore_index
+
+    return TrainingLayout(
+        input_ids=torch.tensor([ids[a] if r == 0 else vocab_size + r - 1 for a, r in tokens]),
+        position_ids=torch.tensor([a + r for a, r in tokens]),
+        anchor=torch.tensor([a for a, _ in tokens]),
+        mask_number=torch.tensor([r for _, r in tokens]),
+        labels=torch.tensor([label(a + r + 1) for a, r in tokens]),
+        previous_ids=torch.tensor([ids[a + r] if a + r < n else ids[-1] for a, r in tokens]),
+        consistency_target=torch.tensor([regular_slot.get(a + r, -1) if r > 0 else -1 for a, r in tokens]),
+    )
+
+
+def training_attention_mask(anchor: torch.Tensor, mask_number: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, L] (anchor, mask number, valid) -> [B, 1, L, L] bool, True = may attend (padding sees nothing
+    and is seen by nothing, except itself so no softmax row is empty)."""
+    query_anchor, key_anchor = anchor[:, :, None], anchor[:, None, :]
+    query_mask, key_mask = mask_number[:, :, None], mask_number[:, None, :]
+    sees_regular = (key_mask == 0) & (key_anchor <= query_anchor)
+    sees_own_block = (key_anchor == query_anchor) & (key_mask > 0) & (key_mask <= query_mask)
+    allowed = (sees_regular | sees_own_block) & valid[:, None, :] & valid[:, :, None]
+    allowed |= torch.eye(anchor.shape[1], dtype=torch.bool, device=anchor.device)[None]
+    return allowed[:, None]

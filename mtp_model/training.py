@@ -1,0 +1,151 @@
+"""Training MTP adapters: the data collator, the paper's losses and a `transformers.Trainer` subclass.
+
+Examples are dicts with `input_ids` [n] and `loss_mask` [n] (True on response tokens). The collator lays
+each one out for training (`layout.training_layout`: k masks after every loss-bearing token) and pads the
+batch to [B, L]. The loss (`mtp_loss`) is, with weights configurable and 1 by default:
+- base: cross-entropy of the model's own LM head over every labelled token, regular and mask (on regular
+  tokens it carries no gradient, since their path is the frozen base model; it is kept for monitoring);
+- sampler: cross-entropy of `lm_head(sampler([embed(previous token); h]))`, teacher-forced with the true
+  previous token;
+- consistency: squared distance of each mask's last hidden state to the detached hidden state of the
+  regular token with the same position in the same sequence, averaged over pairs ("mean" over the hidden
+  dimension by default; "sum" gives the paper's loss scale).
+Attention is a dense [B, 1, L, L] bool mask from the layout: right for CPU and short sequences. Only the
+LoRA factors and the sampler train (`patch` freezes everything else), so the Trainer's optimizer,
+precision, gradient checkpointing, DDP/FSDP and checkpointing apply unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from mtp_model.adapter import save_adapter
+from mtp_model.layout import training_attention_mask, training_layout
+from mtp_model.patch import embed_tokens, gate_context
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossWeights:
+    base: float = 1.0
+    sampler: float = 1.0
+    consistency: float = 1.0
+    consistency_reduction: str = "mean"  # over the hidden dimension: "mean" or "sum"
+
+
+class MTPDataCollator:
+    """Turns examples ({"input_ids", "loss_mask"}) into padded MTP training batches."""
+
+    def __init__(self, num_masks: int, vocab_size: int):
+        self.num_masks = num_masks
+        self.vocab_size = vocab_size
+
+    def __call__(self, examples: list[dict]) -> dict:
+        layouts = [
+            training_layout(torch.as_tensor(e["input_ids"]), torch.as_tensor(e["loss_mask"]).bool(), self.num_masks,
+                            self.vocab_size)
+            for e in examples
+        ]
+        length = max(layout.input_ids.shape[0] for layout in layouts)
+
+        def stack(field, fill):
+            out = torch.full((len(layouts), length), fill, dtype=torch.long)
+            for row, layout in enumerate(layouts):
+                values = getattr(layout, field)
+                out[row, : values.shape[0]] = values
+            return out
+
+        valid = stack("anchor", -1) >= 0
+        batch = {
+            "input_ids": stack("input_ids", 0),
+            "position_ids": stack("position_ids", 0),
+            "labels": stack("labels", IGNORE_INDEX),
+            "previous_ids": stack("previous_ids", 0),
+            "consistency_target": stack("consistency_target", -1),
+            "valid": valid,
+        }
+        batch["attention_mask"] = training_attention_mask(stack("anchor", -1), stack("mask_number", 0), valid)
+        return batch
+
+
+def _cross_entropy(lm_head, hidden, labels):
+    """Mean CE over labelled rows, computing logits only for them."""
+    rows = labels != IGNORE_INDEX
+    if not bool(rows.any()):
+        return hidden.sum() * 0.0
+    logits = lm_head(hidden[rows]).float()
+    return F.cross_entropy(logits, labels[rows])
+
+
+def mtp_loss(model, batch: dict, weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict]:
+    """Total loss and its terms (floats, for logging) on a collated batch."""
+    ids = batch["input_ids"]
+    with gate_context(model, ids >= model.config.vocab_size):
+        hidden = model.model(
+            inputs_embeds=embed_tokens(model, ids),
+            position_ids=batch["position_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=False,
+        ).last_hidden_state
+    labels = batch["labels"]
+    lm_head = model.get_output_embeddings()
+    base = _cross_entropy(lm_head, hidden, labels)
+    previous = model.get_input_embeddings()(batch["previous_ids"]).to(hidden.dtype)
+    labelled = labels != IGNORE_INDEX
+    sampled = model.mtp.sampler(torch.cat([previous[labelled], hidden[labelled]], dim=-1))
+    sampler = _cross_entropy(lm_head, sampled, labels[labelled])
+
+    target = batch["consistency_target"]
+    paired = target >= 0
+    if bool(paired.any()):
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(target)
+        anchor_states = hidden[rows[paired], target[paired]].detach()
+        squared = (hidden[paired].float() - anchor_states.float()) ** 2
+        per_pair = squared.sum(-1) if weights.consistency_reduction == "sum" else squared.mean(-1)
+        consistency = per_pair.mean()
+    else:
+        consistency = hidden.sum() * 0.0
+
+    total = weights.base * base + weights.sampler * sampler + weights.consistency * consistency
+    terms = {"loss_base": base.item(), "loss_sampler": sampler.item(), "loss_consistency": consistency.item()}
+    return total, terms
+
+
+class MTPTrainer(Trainer):
+    """`transformers.Trainer` with the MTP loss, per-term logging and adapter checkpoints.
+
+    Pass a model patched with `mtp_model.patch` and an `MTPDataCollator`; `TrainingArguments` must keep
+    `remove_unused_columns=False` (the collator needs `loss_mask`). Every checkpoint directory also holds
+    the adapter (`adapter_config.json`, `adapter_model.safetensors`), loadable by
+    `mtp_model.patch(model, adapter=...)`.
+    """
+
+    def __init__(self, *args, loss_weights: LossWeights | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_weights = loss_weights or LossWeights()
+        self._term_sums: dict[str, float] = {}
+        self._term_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        core = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        loss, terms = mtp_loss(core, inputs, self.loss_weights)
+        for name, value in terms.items():
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + value
+        self._term_count += 1
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs):
+        if self._term_count and "loss" in logs:
+            logs.update({name: total / self._term_count for name, total in self._term_sums.items()})
+            self._term_sums, self._term_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            save_adapter(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)

@@ -1,0 +1,155 @@
+"""Training layout, losses and MTPTrainer: isolation of the base path, LCM pairing, learning end to end."""
+
+import pytest
+import torch
+from helpers import randomize_adapter, stock_greedy, tiny_model
+from transformers import TrainingArguments
+
+import mtp_model
+from mtp_model.layout import training_attention_mask, training_layout
+from mtp_model.patch import embed_tokens, gate_context
+from mtp_model.training import IGNORE_INDEX, LossWeights, MTPDataCollator, MTPTrainer, mtp_loss
+
+
+def test_layout_matches_the_paper_figure():
+    # Fig. 4 of the paper, k = 2: x0 m1 m2 x1 m1 m2 x2 m1 m2 x3 with every label a response token.
+    layout = training_layout(torch.tensor([10, 11, 12, 13]), torch.tensor([0, 1, 1, 1]).bool(), 2, 100)
+    assert layout.input_ids.tolist() == [10, 100, 101, 11, 100, 101, 12, 100, 101, 13]
+    assert layout.position_ids.tolist() == [0, 1, 2, 1, 2, 3, 2, 3, 4, 3]
+    assert layout.labels.tolist() == [11, 12, 13, 12, 13, -100, 13, -100, -100, -100]
+    assert layout.previous_ids.tolist()[:6] == [10, 11, 12, 11, 12, 13]
+
+
+def test_no_masks_after_prompt_tokens():
+    loss_mask = torch.tensor([0, 0, 0, 1, 1]).bool()  # prompt x0..x2, response x3 x4
+    layout = training_layout(torch.arange(5), loss_mask, 3, 50)
+    # Only x2 (label x3) and x3 (label x4) are loss-bearing.
+    assert layout.anchor[layout.mask_number > 0].unique().tolist() == [2, 3]
+    assert (layout.labels[layout.mask_number == 0] != IGNORE_INDEX).tolist() == [False, False, True, True, False]
+
+
+def test_attention_rule():
+    layout = training_layout(torch.arange(4), torch.tensor([0, 1, 1, 1]).bool(), 2, 100)
+    allowed = training_attention_mask(layout.anchor[None], layout.mask_number[None], torch.ones(1, 10, dtype=torch.bool))[0, 0]
+    tokens = list(zip(layout.anchor.tolist(), layout.mask_number.tolist()))
+    for q, (a1, r1) in enumerate(tokens):
+        for k, (a2, r2) in enumerate(tokens):
+            assert bool(allowed[q, k]) == ((r2 == 0 and a2 <= a1) or (a2 == a1 and 0 < r2 <= r1))
+
+
+def test_consistency_pairing_equals_brute_force():
+    ids, loss_mask = torch.arange(9), torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 1]).bool()
+    layout = training_layout(ids, loss_mask, 3, 100)
+    for slot, target in enumerate(layout.consistency_target.tolist()):
+        position, is_mask = int(layout.position_ids[slot]), int(layout.mask_number[slot]) > 0
+        regular_same_position = [s for s in range(len(layout.input_ids))
+                                 if int(layout.mask_number[s]) == 0 and int(layout.position_ids[s]) == position]
+        expected = regular_same_position[0] if is_mask and regular_same_position else -1
+        assert target == expected
+
+
+def _examples(count, vocab_size, seed=0, length=14, prompt=4):
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(count):
+        start = int(torch.randint(3, vocab_size, (1,), generator=generator))
+        ids = 3 + (start + torch.arange(length)) % (vocab_size - 3)  # counting: a highly regular task
+        loss_mask = torch.arange(length) >= prompt
+        examples.append({"input_ids": ids, "loss_mask": loss_mask})
+    return examples
+
+
+def test_regular_tokens_keep_the_base_model_outputs():
+    model = tiny_model(seed=1)
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    plain_logits = model(input_ids=ids).logits
+    mtp_model.patch(model, mtp_model.MTPConfig(num_masks=3, lora_rank=4))
+    randomize_adapter(model, std=0.5)
+    batch = MTPDataCollator(3, 96)([{"input_ids": ids[0], "loss_mask": torch.arange(12) >= 5},
+                                    {"input_ids": ids[1, :9], "loss_mask": torch.arange(9) >= 2}])
+    embeds = embed_tokens(model, batch["input_ids"])
+    kwargs = dict(inputs_embeds=embeds, position_ids=batch["position_ids"], attention_mask=batch["attention_mask"])
+    with gate_context(model, batch["input_ids"] >= 96):
+        gated = model.model(**kwargs).last_hidden_state
+    ungated = model.model(**kwargs).last_hidden_state  # LoRA off everywhere
+    regular = (batch["input_ids"] < 96) & batch["valid"]
+    # The gate and the mask isolate regular tokens exactly from the (random, large) adapter ...
+    assert torch.equal(gated[regular], ungated[regular])
+    masks = batch["input_ids"] >= 96
+    assert not torch.allclose(gated[masks], ungated[masks])
+    # ... and they are the plain model's next-token outputs (same math over more, masked-out keys).
+    for row, length in enumerate([12, 9]):
+        logits = model.lm_head(gated[row][regular[row]])
+        torch.testing.assert_close(logits, plain_logits[row, :length], rtol=0, atol=1e-5)
+
+
+def test_loss_terms_and_gradients_reach_only_the_adapter():
+    model = randomize_adapter(mtp_model.patch(tiny_model(seed=2), mtp_model.MTPConfig(num_masks=2, lora_rank=4)))
+    batch = MTPDataCollator(2, 96)(_examples(3, 96))
+    loss, terms = mtp_loss(model, batch, LossWeights(consistency_reduction="sum"))
+    assert set(terms) == {"loss_base", "loss_sampler", "loss_consistency"} and all(v > 0 for v in terms.values())
+    loss.backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(".lora_" in name or name.startswith("mtp.sampler") for name in with_grad)
+
+
+def _train(model, examples, tmp_path, steps, lr=5e-3, **kwargs):
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
+        logging_steps=max(1, steps // 4), save_strategy="no", report_to=[], use_cpu=True,
+        remove_unused_columns=False, disable_tqdm=True, seed=0, **kwargs,
+    )
+    collator = MTPDataCollator(model.mtp_config.num_masks, model.config.vocab_size)
+    trainer = MTPTrainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+    trainer.train()
+    return trainer
+
+
+def test_loss_falls_and_logs_each_term(tmp_path):
+    model = mtp_model.patch(tiny_model(seed=3, vocab_size=40), mtp_model.MTPConfig(num_masks=3, lora_rank=8))
+    examples = _examples(64, 40, seed=3)
+    collator = MTPDataCollator(3, 40)
+    _, before = mtp_loss(model, collator(examples[:16]))
+    trainer = _train(model, examples, tmp_path, steps=40)
+    _, after = mtp_loss(model, collator(examples[:16]))
+    # The base term is the frozen model's own loss on regular tokens plus the masks' share: only the
+    # trained terms must fall clearly.
+    trained = ("loss_sampler", "loss_consistency")
+    assert sum(after[t] for t in trained) < 0.85 * sum(before[t] for t in trained)
+    assert after["loss_base"] < before["loss_base"]
+    logged = [entry for entry in trainer.state.log_history if "loss_sampler" in entry]
+    assert logged and {"loss_base", "loss_consistency"} <= set(logged[0])
+
+
+def test_checkpoint_holds_a_loadable_adapter(tmp_path):
+    model = mtp_model.patch(tiny_model(seed=4, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+    trainer = _train(model, _examples(16, 40, seed=4), tmp_path, steps=2)
+    trainer.save_model(str(tmp_path / "final"))
+    fresh = mtp_model.patch(tiny_model(seed=4, vocab_size=40), adapter=tmp_path / "final")
+    assert torch.equal(fresh.mtp.sampler.mlp[0].weight, model.mtp.sampler.mlp[0].weight)
+
+
+@pytest.mark.slow
+def test_trained_adapter_reaches_several_tokens_per_step_losslessly(tmp_path):
+    torch.manual_seed(0)
+    vocab_size = 40
+    model = tiny_model(seed=5, vocab_size=vocab_size, hidden_size=64, layers=2)
+    examples = _examples(256, vocab_size, seed=5, length=24, prompt=3)
+    # First teach the base model the task (a full fine-tune of the tiny base) ...
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(150):
+        batch = torch.stack([e["input_ids"] for e in examples[(step * 16) % 256 : (step * 16) % 256 + 16]])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    # ... then train its MTP adapter, k = 4.
+    mtp_model.patch(model, mtp_model.MTPConfig(num_masks=4, lora_rank=16, lora_alpha=32))
+    _train(model, examples, tmp_path, steps=200, lr=3e-3)
+    model.eval()
+    prompts = torch.stack([e["input_ids"][:3] for e in _examples(4, vocab_size, seed=99, length=3, prompt=3)])
+    expected = stock_greedy(model, prompts, torch.ones_like(prompts), 40)
+    out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=40)
+    assert torch.equal(out, expected)
+    assert model.mtp_stats["tokens_per_step"] > 2.5, model.mtp_stats

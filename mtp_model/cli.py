@@ -1,4 +1,4 @@
-"""The `mtp` command line: `mtp demo`, `mtp train ...`.
+"""The `mtp` command line: `mtp demo`, `mtp train ...` (see `train_cli.py`).
 
 `mtp demo` generates with stock greedy decoding and with MTP on the same model, checks that the texts are
 identical, and prints tokens per step and tokens per second of both. It uses the project's shipped demo
@@ -93,13 +93,9 @@ def demo(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": demo}
-    try:
-        from mtp_model.train_cli import train_main
+    from mtp_model.train_cli import train_main
 
-        commands["train"] = train_main
-    except ImportError:
-        pass
+    commands = {"demo": demo, "train": train_main}
     if not argv or argv[0] not in commands:
         print(f"usage: mtp {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2

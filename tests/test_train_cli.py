@@ -1,0 +1,96 @@
+"""`mtp train` end to end on a tiny local model, and the data checks behind it."""
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import mtp_model
+from mtp_model.cli import main
+from mtp_model.data import read_jsonl, self_distill, tokenize_pairs
+
+WORDS = ["<pad>", "<eos>", "<bos>"] + [f"w{i}" for i in range(60)] + ["user", "assistant", ":"]
+
+
+def tiny_tokenizer(chat_template=None, pad=True):
+    vocab = {word: index for index, word in enumerate(WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", bos_token="<bos>",
+                                        pad_token="<pad>" if pad else None)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def counting_records(count):
+    records = []
+    for start in range(count):
+        words = [f"w{(start + i) % 60}" for i in range(12)]
+        if start % 2:
+            records.append({"prompt": " ".join(words[:3]), "response": " ".join(words[3:])})
+        else:
+            records.append({"messages": [{"role": "user", "content": " ".join(words[:3])},
+                                         {"role": "assistant", "content": " ".join(words[3:])}]})
+    return records
+
+
+def test_train_command_writes_a_loadable_adapter(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model(vocab_size=len(WORDS)).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "data.jsonl", counting_records(24))
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--num-masks", "3",
+                 "--rank", "4", "--steps", "3", "--batch", "4", "--lr", "1e-3"]) == 0
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    model = mtp_model.patch(tiny_model(vocab_size=len(WORDS)), adapter=out)
+    assert model.mtp_config.num_masks == 3
+
+
+def test_chat_template_is_used_for_messages():
+    template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}assistant :"
+    tokenizer = tiny_tokenizer(chat_template=template)
+    pairs = [([{"role": "user", "content": "w1 w2"}], "w3 w4")]
+    [example] = tokenize_pairs(tokenizer, pairs, max_length=64)
+    words = tokenizer.convert_ids_to_tokens(example["input_ids"].tolist())
+    assert words == ["user", ":", "w1", "w2", "assistant", ":", "w3", "w4", "<eos>"]
+    assert example["loss_mask"].tolist() == [False] * 6 + [True] * 3
+
+
+def test_malformed_line_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "w1", "response": "w2"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        read_jsonl(path)
+    write_jsonl(path, [{"prompt": "w1", "response": "w2"}, {"question": "w1"}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        read_jsonl(path)
+
+
+def test_empty_and_long_examples_are_counted_in_warnings():
+    tokenizer = tiny_tokenizer()
+    pairs = [("w1", ""), ("w1 w2", " ".join(["w5"] * 30)), ("w1", "w2 w3")]
+    with pytest.warns(UserWarning) as caught:
+        examples = tokenize_pairs(tokenizer, pairs, max_length=10)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "skipped 1 example(s) with an empty response" in messages
+    assert "truncated 1 example(s)" in messages
+    assert [len(e["input_ids"]) for e in examples] == [10, 4]
+
+
+def test_self_distillation_uses_the_models_greedy_output():
+    model = tiny_model(vocab_size=len(WORDS))
+    tokenizer = tiny_tokenizer(pad=False)  # no pad token: EOS stands in, as for many base models
+    distilled = self_distill(model, tokenizer, [("w1 w2", "w9"), ("w3", "w8")], max_new_tokens=5)
+    ids = torch.tensor([tokenizer("w1 w2")["input_ids"]])
+    greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                            pad_token_id=tokenizer.eos_token_id)
+    assert distilled[0] == ("w1 w2", tokenizer.decode(greedy[0, 2:], skip_special_tokens=True))

@@ -1,4 +1,4 @@
-"""The `mtp` command line: `mtp demo`, `mtp train ...` (see `train_cli.py`).
+"""The `mtp` command line: `mtp demo`, `mtp train ...` (`train_cli.py`), `mtp eval ...` (`evaluate.py`).
 
 `mtp demo` generates with stock greedy decoding and with MTP on the same model, checks that the texts are
 identical, and prints tokens per step and tokens per second of both. It uses the project's shipped demo
@@ -93,9 +93,10 @@ def demo(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from mtp_model.evaluate import eval_main
     from mtp_model.train_cli import train_main
 
-    commands = {"demo": demo, "train": train_main}
+    commands = {"demo": demo, "train": train_main, "eval": eval_main}
     if not argv or argv[0] not in commands:
         print(f"usage: mtp {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2

@@ -1,0 +1,176 @@
+"""`mtp eval`: the paper's Table 1 for any patched model and any JSONL of prompts.
+
+For every domain of the prompt file (`{"prompt": ..., "domain": ...}` per line; chat `messages` work too)
+it measures tokens per step, greedy, up to `max_steps` forward passes per prompt (the paper uses 100):
+- for 1..k masks with quadratic decoding and the sampler (the table);
+- at k masks: linear against quadratic decoding, with and without the sampler (the ablation);
+- wall-clock tokens per second at batch 1, stock greedy against every (masks, mode) measured, so the
+  fastest configuration on this machine is reported next to the highest tokens per step.
+Every MTP output is checked against stock greedy decoding on the same prompt (`identical` in the JSON).
+Results are printed as a table, written as JSON and, with matplotlib installed, drawn as a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from mtp_model.data import prompt_ids
+
+
+def read_prompts(path: str | Path) -> list[tuple[str, object]]:
+    """(domain, prompt) pairs; errors name the line."""
+    prompts = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        prompt = record.get("messages", record.get("prompt")) if isinstance(record, dict) else None
+        if isinstance(prompt, list):
+            prompt = prompt if prompt and prompt[-1].get("role") != "assistant" else prompt[:-1]
+        if not prompt:
+            raise ValueError(f"{path}:{number}: expected a 'prompt' string or a 'messages' list")
+        prompts.append((str(record.get("domain", "all")), prompt))
+    return prompts
+
+
+def _generate(model, ids, stock: bool, **options):
+    mask = torch.ones_like(ids)
+    start = time.perf_counter()
+    if stock:
+        out = type(model).generate(model, input_ids=ids, attention_mask=mask, do_sample=False, **options)
+    else:
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **options)
+    return out, time.perf_counter() - start
+
+
+def evaluate(model, tokenizer, prompts, max_steps: int = 100, max_masks: int | None = None) -> dict:
+    """Runs every measurement on a patched model; returns the results as a JSON-ready dict."""
+    k = max_masks or model.mtp_config.num_masks
+    device = model.get_input_embeddings().weight.device
+    budget = max_steps * (k + 1)
+    configs = [(j, "quadratic", True) for j in range(1, k + 1)]
+    configs += [(k, "linear", True), (k, "quadratic", False), (k, "linear", False)]
+    tokens, steps, seconds = defaultdict(int), defaultdict(int), defaultdict(float)
+    identical = True
+    with torch.inference_mode():
+        for domain, prompt in prompts:
+            ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
+            for j, mode, sampler in configs:
+                out, elapsed = _generate(model, ids, False, max_new_tokens=budget, max_steps=max_steps,
+                                         num_masks=j, decoding=mode, use_sampler=sampler)
+                stats = model.mtp_stats
+                key = (domain, j, mode, sampler)
+                tokens[key] += stats["tokens"]
+                steps[key] += stats["steps"]
+                seconds[key] += elapsed
+                # Stock greedy for exactly as many tokens: the same text, or MTP is broken.
+                reference, stock_seconds = _generate(model, ids, True, max_new_tokens=stats["tokens"],
+                                                     min_new_tokens=0)
+                identical &= torch.equal(out, reference[:, : out.shape[1]])
+                tokens[(domain, "stock")] += stats["tokens"]
+                seconds[(domain, "stock")] += stock_seconds
+    return _summarise(configs, tokens, steps, seconds, sorted({d for d, _ in prompts}), identical, max_steps)
+
+
+def _summarise(configs, tokens, steps, seconds, domains, identical, max_steps) -> dict:
+    def tokens_per_step(key):
+        return tokens[key] / max(steps[key], 1)
+
+    def tokens_per_second(key):
+        return tokens[key] / max(seconds[key], 1e-9)
+
+    results = {"max_steps": max_steps, "identical_to_stock_greedy": identical, "domains": {}}
+    for domain in domains:
+        stock_speed = tokens_per_second((domain, "stock"))
+        rows = [
+            {"num_masks": j, "decoding": mode, "sampler": sampler,
+             "tokens_per_step": round(tokens_per_step((domain, j, mode, sampler)), 3),
+             "tokens_per_second": round(tokens_per_second((domain, j, mode, sampler)), 1),
+             "speedup": round(tokens_per_second((domain, j, mode, sampler)) / stock_speed, 3)}
+            for j, mode, sampler in configs
+        ]
+        results["domains"][domain] = {
+            "stock_tokens_per_second": round(stock_speed, 1),
+            "runs": rows,
+            "fastest": max(rows, key=lambda r: r["tokens_per_second"]),
+        }
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = []
+    for domain, result in results["domains"].items():
+        table = [r for r in result["runs"] if r["decoding"] == "quadratic" and r["sampler"]]
+        ablation = [r for r in result["runs"] if r not in table or r is table[-1]]
+        lines.append(f"{domain}: tokens per step by number of masks (quadratic, sampler)")
+        lines.append("  masks  " + " ".join(f"{r['num_masks']:>6}" for r in table))
+        lines.append("  tok/st " + " ".join(f"{r['tokens_per_step']:>6.2f}" for r in table))
+        lines.append(f"  ablation at {table[-1]['num_masks']} masks:")
+        for r in ablation:
+            lines.append(f"    {r['decoding']:<9} sampler={'yes' if r['sampler'] else 'no ':<3}  "
+                         f"{r['tokens_per_step']:.2f} tokens/step  {r['tokens_per_second']:.1f} tokens/s  "
+                         f"x{r['speedup']:.2f} vs stock")
+        fastest = result["fastest"]
+        lines.append(f"  stock greedy {result['stock_tokens_per_second']:.1f} tokens/s; fastest here: "
+                     f"{fastest['num_masks']} masks, {fastest['decoding']}, x{fastest['speedup']:.2f}")
+    lines.append(f"identical to stock greedy: {results['identical_to_stock_greedy']}")
+    return "\n".join(lines)
+
+
+def draw_chart(results: dict, path: str | Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for domain, result in results["domains"].items():
+        table = [r for r in result["runs"] if r["decoding"] == "quadratic" and r["sampler"]]
+        axis.plot([r["num_masks"] for r in table], [r["tokens_per_step"] for r in table], marker="o", label=domain)
+    axis.set_xlabel("masks (drafts per step)")
+    axis.set_ylabel("tokens per step")
+    axis.set_title(f"MTP tokens per step (greedy, up to {results['max_steps']} steps per prompt)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mtp_model
+
+    parser = argparse.ArgumentParser(prog="mtp eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="directory of the base model")
+    parser.add_argument("--adapter", required=True, help="directory of its MTP adapter")
+    parser.add_argument("--prompts", required=True, help="JSONL with 'prompt' (or 'messages') and 'domain'")
+    parser.add_argument("--out", default="mtp_eval.json")
+    parser.add_argument("--chart", default=None, help="PNG path (default: next to --out)")
+    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    args = parser.parse_args(argv)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = mtp_model.patch(AutoModelForCausalLM.from_pretrained(args.model).eval(), adapter=args.adapter)
+    prompts = read_prompts(args.prompts)[: args.limit]
+    results = evaluate(model, tokenizer, prompts, max_steps=args.max_steps)
+    print(format_table(results))
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    chart = Path(args.chart or Path(args.out).with_suffix(".png"))
+    print(f"results: {args.out}" + (f", chart: {chart}" if draw_chart(results, chart) else " (no matplotlib: no chart)"))
+    return 0 if results["identical_to_stock_greedy"] else 1

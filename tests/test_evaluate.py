@@ -1,0 +1,54 @@
+"""`mtp eval` on a tiny local model: the table, the JSON, the chart and the losslessness check."""
+
+import json
+
+import pytest
+
+from helpers import randomize_adapter, tiny_model
+from test_train_cli import WORDS, tiny_tokenizer
+
+import mtp_model
+from mtp_model.cli import main
+from mtp_model.evaluate import evaluate, format_table, read_prompts
+
+
+def test_eval_command_writes_table_json_and_chart(tmp_path, capsys):
+    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
+    tiny_model(vocab_size=len(WORDS)).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    patched = randomize_adapter(mtp_model.patch(tiny_model(vocab_size=len(WORDS)), mtp_model.MTPConfig(num_masks=3, lora_rank=4)))
+    mtp_model.save_adapter(patched, adapter_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "w1 w2 w3", "domain": "code"},
+        {"messages": [{"role": "user", "content": "w4 w5"}], "domain": "math"},
+        {"prompt": "w7", "domain": "code"},
+    ]) + "\n")
+    out = tmp_path / "results.json"
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(adapter_dir), "--prompts", str(prompts),
+                 "--out", str(out), "--max-steps", "6"]) == 0
+    results = json.loads(out.read_text())
+    assert results["identical_to_stock_greedy"] is True
+    assert set(results["domains"]) == {"code", "math"}
+    runs = results["domains"]["code"]["runs"]
+    assert [r["num_masks"] for r in runs if r["decoding"] == "quadratic" and r["sampler"]] == [1, 2, 3]
+    assert {(r["decoding"], r["sampler"]) for r in runs if r["num_masks"] == 3} == {
+        ("quadratic", True), ("linear", True), ("quadratic", False), ("linear", False)}
+    assert all(1.0 <= r["tokens_per_step"] <= r["num_masks"] + 1 for r in runs)
+    assert (tmp_path / "results.png").stat().st_size > 0
+    assert "tokens per step by number of masks" in capsys.readouterr().out
+
+
+def test_steps_are_capped():
+    model = randomize_adapter(mtp_model.patch(tiny_model(vocab_size=len(WORDS), eos_token_id=None),
+                                              mtp_model.MTPConfig(num_masks=2, lora_rank=4)))
+    results = evaluate(model, tiny_tokenizer(), [("all", "w1 w2")], max_steps=4)
+    assert "all:" in format_table(results)
+    assert model.mtp_stats["steps"] == 4  # the last run stopped at the step budget, not at a token budget
+
+
+def test_prompt_file_errors_name_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "w1"}\n{"domain": "x"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2"):
+        read_prompts(path)

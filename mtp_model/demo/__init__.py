@@ -1,0 +1,1 @@
+"""The project's own demo model: corpus, tokenizer, base model and adapter builders."""

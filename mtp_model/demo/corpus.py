@@ -1,0 +1,154 @@
+"""The demo model's corpus, built from what every machine has, deterministically.
+
+Three domains, each split into train and held-out parts:
+- code: Python source of the standard library (held out by file, from a hash of the path);
+- math: step-by-step arithmetic and small word problems from a seeded generator;
+- prose: docstrings of the standard library (same file split as code).
+`pretraining_text` gives the base model's training text; `prompt_pairs` gives prompt/response pairs
+(a function's first lines -> its body, a problem -> its worked solution, a docstring's first sentence ->
+the rest) for adapter training (train split) and evaluation (held-out split).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+import sysconfig
+from pathlib import Path
+
+DOMAINS = ("code", "math", "prose")
+
+
+def _held_out(path: Path) -> bool:
+    return hashlib.sha256(path.as_posix().encode()).digest()[0] % 10 == 0
+
+
+def stdlib_files(split: str) -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if any(part in ("test", "tests", "site-packages", "idlelib", "lib2to3") for part in relative.parts):
+            continue
+        if path.stat().st_size > 200_000 or _held_out(relative) != (split == "heldout"):
+            continue
+        files.append(path)
+    return files
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+def code_texts(split: str, max_chars: int) -> list[str]:
+    texts, total = [], 0
+    for path in stdlib_files(split):
+        text = _read(path)
+        if text is None:
+            continue
+        texts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return texts
+
+
+def docstrings(split: str, max_chars: int) -> list[str]:
+    found, total = [], 0
+    for path in stdlib_files(split):
+        text = _read(path)
+        try:
+            tree = ast.parse(text or "")
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 80:
+                    found.append(doc.strip())
+                    total += len(doc)
+        if total >= max_chars:
+            break
+    return found
+
+
+_NAMES = ["Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade"]
+_THINGS = ["apples", "books", "coins", "marbles", "pencils", "stamps", "cards", "shells"]
+
+
+def math_problem(rng: random.Random) -> tuple[str, str]:
+    """One (problem, worked solution) pair."""
+    kind = rng.randrange(4)
+    a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 12)
+    if kind == 0:
+        return f"Compute {a} + {b}.", f"{a} + {b} = {a + b}.\nThe answer is {a + b}."
+    if kind == 1:
+        return (f"Compute ({a} + {b}) * {c}.",
+                f"Step 1: {a} + {b} = {a + b}.\nStep 2: {a + b} * {c} = {(a + b) * c}.\nThe answer is {(a + b) * c}.")
+    if kind == 2:
+        big, small = max(a, b), min(a, b)
+        return (f"Compute {big} - {small} + {c}.",
+                f"Step 1: {big} - {small} = {big - small}.\nStep 2: {big - small} + {c} = {big - small + c}.\n"
+                f"The answer is {big - small + c}.")
+    name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+    return (f"{name} has {a} {thing}. {name} buys {c} bags with {b} {thing} in each bag. "
+            f"How many {thing} does {name} have now?",
+            f"{name} buys {c} * {b} = {c * b} {thing}.\n{name} has {a} + {c * b} = {a + c * b} {thing}.\n"
+            f"The answer is {a + c * b}.")
+
+
+def math_pairs(split: str, count: int) -> list[tuple[str, str]]:
+    rng = random.Random(1234 if split == "train" else 98765)
+    return [math_problem(rng) for _ in range(count)]
+
+
+def pretraining_text(code_chars: int = 1_500_000, prose_chars: int = 600_000, math_count: int = 30_000) -> list[str]:
+    """Documents of the train split, shuffled with a fixed seed."""
+    documents = code_texts("train", code_chars) + docstrings("train", prose_chars)
+    documents += [f"Problem: {q}\nSolution: {a}" for q, a in math_pairs("train", math_count)]
+    random.Random(0).shuffle(documents)
+    return documents
+
+
+def _function_pairs(split: str, count: int, head_lines: int = 2) -> list[tuple[str, str]]:
+    pairs = []
+    for path in stdlib_files(split):
+        text = _read(path)
+        try:
+            tree = ast.parse(text or "")
+        except SyntaxError:
+            continue
+        lines = (text or "").splitlines()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno >= 4:
+                body = lines[node.lineno - 1 : node.end_lineno]
+                indent = len(body[0]) - len(body[0].lstrip())
+                body = [line[indent:] for line in body]
+                pairs.append(("\n".join(body[:head_lines]) + "\n", "\n".join(body[head_lines:])))
+                if len(pairs) >= count:
+                    return pairs
+    return pairs
+
+
+def _prose_pairs(split: str, count: int) -> list[tuple[str, str]]:
+    pairs = []
+    for doc in docstrings(split, max_chars=10**9):
+        first, dot, rest = doc.partition(". ")
+        if dot and len(rest) > 40:
+            pairs.append((first + ".", " " + rest))
+        if len(pairs) >= count:
+            break
+    return pairs
+
+
+def prompt_pairs(split: str, per_domain: int) -> dict[str, list[tuple[str, str]]]:
+    """Prompt/response pairs per domain: the train split for the adapter, the held-out one for evaluation."""
+    return {
+        "code": _function_pairs(split, per_domain),
+        "math": [(f"Problem: {q}\nSolution: ", a) for q, a in math_pairs(split, per_domain)],
+        "prose": _prose_pairs(split, per_domain),
+    }

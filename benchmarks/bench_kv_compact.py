@@ -6,6 +6,8 @@ moves; `copy_GBps` in extra_info is the device's plain tensor-copy bandwidth for
 H100/H200: at least 70% of the copy bandwidth.
 """
 
+import itertools
+
 import pytest
 import torch
 from common import DEVICE, DTYPE, ON_GPU, grid, run
@@ -18,6 +20,8 @@ PREFIXES = grid([512, 4096, 32768], [64])
 KEPT = grid([1, 5, 9], [3])
 T = 81 if ON_GPU else 9
 
+
+GRID = pytest.mark.parametrize(("batch", "prefix", "kept"), list(itertools.product(BATCHES, PREFIXES, KEPT)))
 
 def make(batch, prefix, kept):
     if ON_GPU and batch * (prefix + T) * LAYERS * 2 * HEADS * HEAD_DIM * 2 > 40e9:
@@ -63,9 +67,7 @@ def copy_bandwidth(caches):
     return 2 * src.numel() * src.element_size() / seconds / 1e9
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("prefix", PREFIXES)
-@pytest.mark.parametrize("kept", KEPT)
+@GRID
 def test_kv_compact(benchmark, batch, prefix, kept):
     caches, lengths, keep, moved_bytes = make(batch, prefix, kept)
     benchmark.group = f"kv_compact B={batch} prefix={prefix} kept={kept}"
@@ -80,9 +82,7 @@ def test_kv_compact(benchmark, batch, prefix, kept):
     return result
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("prefix", PREFIXES)
-@pytest.mark.parametrize("kept", KEPT)
+@GRID
 def test_torch_loop(benchmark, batch, prefix, kept):
     caches, lengths, keep, moved_bytes = make(batch, prefix, kept)
     benchmark.group = f"kv_compact B={batch} prefix={prefix} kept={kept}"

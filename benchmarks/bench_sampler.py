@@ -5,6 +5,8 @@ H100/H200: at least 1.3x faster than torch for N >= 8, with no [N, V] logits all
 the peak memory above the inputs).
 """
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,8 @@ VOCABS = grid([32000, 128256, 151936], [1000])
 DIMS = grid([2048, 4096], [64])
 ROWS = grid([1, 8, 64, 512], [1, 8])
 
+
+GRID = pytest.mark.parametrize(("V", "D", "N"), list(itertools.product(VOCABS, DIMS, ROWS)))
 
 def inputs(N, V, D):
     generator = torch.Generator().manual_seed(N)
@@ -36,9 +40,7 @@ def peak_extra_bytes(fn):
     return torch.cuda.max_memory_allocated() - before
 
 
-@pytest.mark.parametrize("V", VOCABS)
-@pytest.mark.parametrize("D", DIMS)
-@pytest.mark.parametrize("N", ROWS)
+@GRID
 def test_fused_greedy(benchmark, V, D, N):
     hidden, weight = inputs(N, V, D)
     benchmark.group = f"greedy V={V} d={D} N={N}"
@@ -46,9 +48,7 @@ def test_fused_greedy(benchmark, V, D, N):
     benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(lambda: mtp_kernels.choose_tokens(hidden, weight))
 
 
-@pytest.mark.parametrize("V", VOCABS)
-@pytest.mark.parametrize("D", DIMS)
-@pytest.mark.parametrize("N", ROWS)
+@GRID
 def test_torch_greedy(benchmark, V, D, N):
     hidden, weight = inputs(N, V, D)
     benchmark.group = f"greedy V={V} d={D} N={N}"
@@ -56,9 +56,7 @@ def test_torch_greedy(benchmark, V, D, N):
     benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(lambda: F.linear(hidden, weight).argmax(-1))
 
 
-@pytest.mark.parametrize("V", VOCABS)
-@pytest.mark.parametrize("D", DIMS)
-@pytest.mark.parametrize("N", ROWS)
+@GRID
 def test_fused_sampling(benchmark, V, D, N):
     hidden, weight = inputs(N, V, D)
     noise = torch.empty(N, V, device=DEVICE).exponential_()
@@ -66,9 +64,7 @@ def test_fused_sampling(benchmark, V, D, N):
     run(benchmark, mtp_kernels.choose_tokens, hidden, weight, SamplingParams(0.8), noise)
 
 
-@pytest.mark.parametrize("V", VOCABS)
-@pytest.mark.parametrize("D", DIMS)
-@pytest.mark.parametrize("N", ROWS)
+@GRID
 def test_torch_multinomial(benchmark, V, D, N):
     hidden, weight = inputs(N, V, D)
     benchmark.group = f"sample V={V} d={D} N={N}"

@@ -5,6 +5,8 @@ Shapes: Llama-3-8B attention (32 query heads, 8 KV heads, D=128), prefix 512 to 
 2x faster than the masked SDPA at T=81 and prefix >= 2k.
 """
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,8 @@ PREFIXES = grid([512, 2048, 8192, 32768], [64])
 BLOCKS = grid([1, 16, 81], [9])
 BATCHES = grid([1, 8, 32], [2])
 
+
+GRID = pytest.mark.parametrize(("batch", "prefix", "T"), list(itertools.product(BATCHES, PREFIXES, BLOCKS)))
 
 def inputs(batch, prefix, T):
     if batch * prefix > 2**20:
@@ -35,18 +39,14 @@ def inputs(batch, prefix, T):
     return q, k, v, lengths, block_mask
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("prefix", PREFIXES)
-@pytest.mark.parametrize("T", BLOCKS)
+@GRID
 def test_tree_attention(benchmark, batch, prefix, T):
     q, k, v, lengths, block_mask = inputs(batch, prefix, T)
     benchmark.group = f"attention B={batch} prefix={prefix} T={T}"
     run(benchmark, mtp_kernels.tree_attention, q, k, v, lengths, block_mask)
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("prefix", PREFIXES)
-@pytest.mark.parametrize("T", BLOCKS)
+@GRID
 def test_sdpa_materialised_mask(benchmark, batch, prefix, T):
     q, k, v, lengths, block_mask = inputs(batch, prefix, T)
     benchmark.group = f"attention B={batch} prefix={prefix} T={T}"
@@ -54,9 +54,7 @@ def test_sdpa_materialised_mask(benchmark, batch, prefix, T):
     run(benchmark, F.scaled_dot_product_attention, q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("prefix", PREFIXES)
-@pytest.mark.parametrize("T", BLOCKS)
+@GRID
 def test_sdpa_unmasked_floor(benchmark, batch, prefix, T):
     q, k, v, _, _ = inputs(batch, prefix, T)
     benchmark.group = f"attention B={batch} prefix={prefix} T={T}"

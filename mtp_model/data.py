@@ -19,26 +19,31 @@ from pathlib import Path
 import torch
 
 
-def read_jsonl(path: str | Path) -> list[tuple[str | list, str]]:
-    """(prompt, response) pairs; the prompt is a message list for chat data. Errors name the line."""
-    pairs = []
+def iter_jsonl(path: str | Path):
+    """(line number, record) for each non-blank line; invalid JSON raises ValueError naming the line."""
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
-                messages = record["messages"]
-                if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-                    raise ValueError(f"{path}:{number}: every message needs 'role' and 'content'")
-                pairs.append((messages[:-1], messages[-1]["content"]))
-            elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
-                pairs.append((record["prompt"], record["response"]))
-            else:
-                raise ValueError(f"{path}:{number}: expected {{'messages': [...]}} or {{'prompt': str, 'response': str}}")
+
+
+def read_jsonl(path: str | Path) -> list[tuple[str | list, str]]:
+    """(prompt, response) pairs; the prompt is a message list for chat data. Errors name the line."""
+    pairs = []
+    for number, record in iter_jsonl(path):
+        if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
+            messages = record["messages"]
+            if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+                raise ValueError(f"{path}:{number}: every message needs 'role' and 'content'")
+            pairs.append((messages[:-1], messages[-1]["content"]))
+        elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+            pairs.append((record["prompt"], record["response"]))
+        else:
+            raise ValueError(f"{path}:{number}: expected {{'messages': [...]}} or {{'prompt': str, 'response': str}}")
     return pairs
 
 

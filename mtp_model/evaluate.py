@@ -20,19 +20,13 @@ from pathlib import Path
 
 import torch
 
-from mtp_model.data import prompt_ids
+from mtp_model.data import iter_jsonl, prompt_ids
 
 
 def read_prompts(path: str | Path) -> list[tuple[str, object]]:
     """(domain, prompt) pairs; errors name the line."""
     prompts = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    for number, record in iter_jsonl(path):
         prompt = record.get("messages", record.get("prompt")) if isinstance(record, dict) else None
         if isinstance(prompt, list):
             prompt = prompt if prompt and prompt[-1].get("role") != "assistant" else prompt[:-1]

@@ -44,6 +44,17 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def _parsed_files(split: str):
+    """(source lines, syntax tree) of each parsable stdlib file of the split."""
+    for path in stdlib_files(split):
+        text = _read(path)
+        try:
+            tree = ast.parse(text or "")
+        except SyntaxError:
+            continue
+        yield (text or "").splitlines(), tree
+
+
 def code_texts(split: str, max_chars: int) -> list[str]:
     texts, total = [], 0
     for path in stdlib_files(split):
@@ -59,12 +70,7 @@ def code_texts(split: str, max_chars: int) -> list[str]:
 
 def docstrings(split: str, max_chars: int) -> list[str]:
     found, total = [], 0
-    for path in stdlib_files(split):
-        text = _read(path)
-        try:
-            tree = ast.parse(text or "")
-        except SyntaxError:
-            continue
+    for _, tree in _parsed_files(split):
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
@@ -116,13 +122,7 @@ def pretraining_text(code_chars: int = 1_500_000, prose_chars: int = 600_000, ma
 
 def _function_pairs(split: str, count: int, head_lines: int = 2) -> list[tuple[str, str]]:
     pairs = []
-    for path in stdlib_files(split):
-        text = _read(path)
-        try:
-            tree = ast.parse(text or "")
-        except SyntaxError:
-            continue
-        lines = (text or "").splitlines()
+    for lines, tree in _parsed_files(split):
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno >= 4:
                 body = lines[node.lineno - 1 : node.end_lineno]

@@ -148,16 +148,6 @@ def triton_kernel(fn=None, **jit_kwargs):
     return wrap(fn) if fn is not None else wrap
 
 
-def triton_upcast(tensor: torch.Tensor) -> bool:
-    """Whether kernels must upcast loads to fp32 before any arithmetic.
-
-    The interpreter stores bf16 as raw 16-bit integers and does arithmetic on the bit patterns, so on CPU
-    every bf16 load is converted first. Compiled kernels upcast too where accuracy needs it; this flag
-    only marks the case where skipping it would be wrong, not merely less precise.
-    """
-    return not tensor.is_cuda
-
-
 # --- compiled extension -------------------------------------------------------------------------------
 
 try:
@@ -172,10 +162,6 @@ except ImportError as error:  # not built, or built against another torch
 def has_extension() -> bool:
     """True when the compiled extension `mtp_kernels._C` is loaded."""
     return _C is not None
-
-
-def extension_import_error() -> ImportError | None:
-    return _EXTENSION_ERROR
 
 
 if _C is None and os.environ.get("MTP_SKIP_EXTENSION", "0") != "1":

@@ -94,11 +94,6 @@ class MTPCache(Cache):
         buffers = [tensor for layer in self.layers for tensor in (layer.keys, layer.values)]
         mtp_kernels.kv_compact(buffers, self.lengths, keep_index, block_size)
 
-    def kept_entries(self, layer_idx: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each row's kept (keys, values) [Hkv, n_b, D] of one layer, padding included."""
-        layer = self.layers[layer_idx]
-        return [(layer.keys[b, :, :n], layer.values[b, :, :n]) for b, n in enumerate(self.lengths.tolist())]
-
 
 def _mtp_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mtp_step=None, **kwargs):
     if mtp_step is None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -253,7 +252,7 @@ class _Decoder:
         B, P = input_ids.shape
         k, T, device = self.k, self.layout.size, self.device
         output = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        stats = _Stats(B, k)
+        stats = _Stats(k)
         if max_new_tokens == 0:
             return input_ids, stats.summary()
         if streamer is not None:
@@ -329,7 +328,7 @@ class _Decoder:
 class _Stats:
     """Steps, tokens and the histogram of tokens per step, counted for the rows still generating."""
 
-    def __init__(self, batch_size: int, num_masks: int):
+    def __init__(self, num_masks: int):
         self.steps = 0
         self.row_steps = 0
         self.tokens = 0
@@ -350,11 +349,3 @@ class _Stats:
             "tokens_per_step_histogram": {n: c for n, c in enumerate(self.histogram) if c},
             "cache_lengths": None if cache_lengths is None else cache_lengths.tolist(),
         }
-
-
-def stock_generate(model, *args, **kwargs):
-    """Stock transformers generation on a patched model (same weights, no MTP)."""
-    return type(model).generate(model, *args, **kwargs)
-
-
-__all__: Sequence[str] = ["MTPGenerateOutput", "mtp_generate", "stock_generate"]

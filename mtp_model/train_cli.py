@@ -45,7 +45,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     import mtp_model
     from mtp_model.data import read_jsonl, self_distill, tokenize_pairs
-    from mtp_model.training import LossWeights, MTPDataCollator, MTPTrainer
+    from mtp_model.training import LossWeights, MTPDataCollator, MTPTrainer, enable_gradient_checkpointing
 
     args = build_parser().parse_args(argv)
     out = Path(args.out)
@@ -60,8 +60,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
     config = mtp_model.MTPConfig(num_masks=args.num_masks, lora_rank=args.rank, lora_alpha=args.alpha)
     mtp_model.patch(model, config)
-    if args.gradient_checkpointing:  # on the model: the TrainingArguments names changed within 5.x
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     training_args = TrainingArguments(
         output_dir=str(out / "checkpoints"),

@@ -12,11 +12,13 @@ batch to [B, L]. The loss (`mtp_loss`) is, with weights configurable and 1 by de
   dimension by default; "sum" gives the paper's loss scale).
 Attention is a dense [B, 1, L, L] bool mask from the layout: right for CPU and short sequences. Only the
 LoRA factors and the sampler train (`patch` freezes everything else), so the Trainer's optimizer,
-precision, gradient checkpointing, DDP/FSDP and checkpointing apply unchanged.
+precision, DDP/FSDP and checkpointing apply unchanged; activation checkpointing goes through
+`enable_gradient_checkpointing`, which recomputes layers under the gate they first ran with.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +116,29 @@ def mtp_loss(model, batch: dict, weights: LossWeights = LossWeights()) -> tuple[
     total = weights.base * base + weights.sampler * sampler + weights.consistency * consistency
     terms = {"loss_base": base.item(), "loss_sampler": sampler.item(), "loss_consistency": consistency.item()}
     return total, terms
+
+
+@contextlib.contextmanager
+def _gate_as_it_was(model, gate):
+    previous, model.mtp_gate.gate = model.mtp_gate.gate, gate
+    try:
+        yield
+    finally:
+        model.mtp_gate.gate = previous
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Activation checkpointing that recomputes each layer with the gate of its original forward.
+
+    The gate lives in a context that is cleared when the forward returns, long before the backward pass
+    recomputes the checkpointed layers; each checkpointed region therefore captures the gate in force
+    when it first ran and restores it for its recomputation.
+    """
+
+    def context_fn():
+        return contextlib.nullcontext(), _gate_as_it_was(model, model.mtp_gate.gate)
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
 
 
 class MTPTrainer(Trainer):

@@ -3,12 +3,19 @@
 import pytest
 import torch
 from helpers import randomize_adapter, stock_greedy, tiny_model
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 import mtp_model
 from mtp_model.layout import training_attention_mask, training_layout
 from mtp_model.patch import embed_tokens, gate_context
-from mtp_model.training import IGNORE_INDEX, LossWeights, MTPDataCollator, MTPTrainer, mtp_loss
+from mtp_model.training import (
+    IGNORE_INDEX,
+    LossWeights,
+    MTPDataCollator,
+    MTPTrainer,
+    enable_gradient_checkpointing,
+    mtp_loss,
+)
 
 
 def test_layout_matches_the_paper_figure():
@@ -94,11 +101,12 @@ def test_loss_terms_and_gradients_reach_only_the_adapter():
 
 
 def _train(model, examples, tmp_path, steps, lr=5e-3, **kwargs):
-    args = TrainingArguments(
+    options = dict(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
         logging_steps=max(1, steps // 4), save_strategy="no", report_to=[], use_cpu=True,
-        remove_unused_columns=False, disable_tqdm=True, seed=0, **kwargs,
+        remove_unused_columns=False, disable_tqdm=True, seed=0,
     )
+    args = TrainingArguments(**(options | kwargs))
     collator = MTPDataCollator(model.mtp_config.num_masks, model.config.vocab_size)
     trainer = MTPTrainer(model=model, args=args, train_dataset=examples, data_collator=collator)
     trainer.train()
@@ -153,3 +161,57 @@ def test_trained_adapter_reaches_several_tokens_per_step_losslessly(tmp_path):
     out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=40)
     assert torch.equal(out, expected)
     assert model.mtp_stats["tokens_per_step"] > 2.5, model.mtp_stats
+
+
+class _StopAt(TrainerCallback):
+    """Interrupts a run after `step` optimizer steps, as a crash or a preemption would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+    examples = _examples(32, 40, seed=6)
+
+    def run(model, output_dir, **options):
+        args = TrainingArguments(
+            output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=8, learning_rate=5e-3,
+            save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, remove_unused_columns=False,
+            disable_tqdm=True, seed=0,
+        )
+        trainer = MTPTrainer(model=model, args=args, train_dataset=examples, data_collator=MTPDataCollator(2, 40),
+                             callbacks=options.pop("callbacks", None))
+        trainer.train(**options)
+        return trainer
+
+    def fresh():
+        return mtp_model.patch(tiny_model(seed=6, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+
+    straight = fresh()
+    run(straight, tmp_path / "straight")
+    run(fresh(), tmp_path / "resumed", callbacks=[_StopAt(2)])
+    assert (tmp_path / "resumed" / "checkpoint-2" / "adapter_config.json").is_file()
+    resumed = fresh()
+    trainer = run(resumed, tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    for ours, theirs in zip(resumed.mtp.sampler.parameters(), straight.mtp.sampler.parameters()):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def gradients(checkpointing):
+        model = randomize_adapter(mtp_model.patch(tiny_model(seed=7, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4)))
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        loss, _ = mtp_loss(model, MTPDataCollator(2, 40)(_examples(4, 40, seed=7)))
+        loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and any(".lora_A." in name for name in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)

@@ -10,7 +10,9 @@ batch to [B, L]. The loss (`mtp_loss`) is, with weights configurable and 1 by de
 - consistency: squared distance of each mask's last hidden state to the detached hidden state of the
   regular token with the same position in the same sequence, averaged over pairs ("mean" over the hidden
   dimension by default; "sum" gives the paper's loss scale).
-Attention is a dense [B, 1, L, L] bool mask from the layout: right for CPU and short sequences. Only the
+Attention follows the layout's rule: a dense [B, 1, L, L] bool mask by default (CPU, short sequences), or
+a FlexAttention BlockMask when the model runs `attn_implementation="flex_attention"` (long sequences on a
+GPU: no L x L tensor is materialised). Only the
 LoRA factors and the sampler train (`patch` freezes everything else), so the Trainer's optimizer,
 precision, DDP/FSDP and checkpointing apply unchanged; activation checkpointing goes through
 `enable_gradient_checkpointing`, which recomputes layers under the gate they first ran with.
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from mtp_model.adapter import save_adapter
+from mtp_model.attention import PREFIX
 from mtp_model.layout import training_attention_mask, training_layout
 from mtp_model.patch import embed_tokens, gate_context
 
@@ -71,8 +74,26 @@ class MTPDataCollator:
             "consistency_target": stack("consistency_target", -1),
             "valid": valid,
         }
-        batch["attention_mask"] = training_attention_mask(stack("anchor", -1), stack("mask_number", 0), valid)
+        batch["anchor"] = stack("anchor", -1)
+        batch["mask_number"] = stack("mask_number", 0)
         return batch
+
+
+def attention_structure(model, batch: dict):
+    """The layout's attention as the model's implementation wants it: a FlexAttention BlockMask (sparse,
+    built from the per-token rule; for long sequences on GPU) or a dense [B, 1, L, L] bool mask."""
+    anchor, mask_number, valid = batch["anchor"], batch["mask_number"], batch["valid"]
+    if model.config._attn_implementation.removeprefix(PREFIX) != "flex_attention":
+        return training_attention_mask(anchor, mask_number, valid)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def may_attend(b, h, q, kv):
+        sees_regular = (mask_number[b, kv] == 0) & (anchor[b, kv] <= anchor[b, q])
+        own_block = (anchor[b, kv] == anchor[b, q]) & (mask_number[b, kv] > 0) & (mask_number[b, kv] <= mask_number[b, q])
+        return ((sees_regular | own_block) & valid[b, kv] & valid[b, q]) | (q == kv)
+
+    B, L = anchor.shape
+    return create_block_mask(may_attend, B, None, L, L, device=anchor.device)
 
 
 def _cross_entropy(lm_head, hidden, labels):
@@ -91,7 +112,7 @@ def mtp_loss(model, batch: dict, weights: LossWeights = LossWeights()) -> tuple[
         hidden = model.model(
             inputs_embeds=embed_tokens(model, ids),
             position_ids=batch["position_ids"],
-            attention_mask=batch["attention_mask"],
+            attention_mask=attention_structure(model, batch),
             use_cache=False,
         ).last_hidden_state
     labels = batch["labels"]

@@ -10,6 +10,7 @@ from mtp_model.layout import training_attention_mask, training_layout
 from mtp_model.patch import embed_tokens, gate_context
 from mtp_model.training import (
     IGNORE_INDEX,
+    attention_structure,
     LossWeights,
     MTPDataCollator,
     MTPTrainer,
@@ -75,7 +76,8 @@ def test_regular_tokens_keep_the_base_model_outputs():
     batch = MTPDataCollator(3, 96)([{"input_ids": ids[0], "loss_mask": torch.arange(12) >= 5},
                                     {"input_ids": ids[1, :9], "loss_mask": torch.arange(9) >= 2}])
     embeds = embed_tokens(model, batch["input_ids"])
-    kwargs = dict(inputs_embeds=embeds, position_ids=batch["position_ids"], attention_mask=batch["attention_mask"])
+    kwargs = dict(inputs_embeds=embeds, position_ids=batch["position_ids"],
+                  attention_mask=attention_structure(model, batch))
     with gate_context(model, batch["input_ids"] >= 96):
         gated = model.model(**kwargs).last_hidden_state
     ungated = model.model(**kwargs).last_hidden_state  # LoRA off everywhere
@@ -215,3 +217,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys() and any(".lora_A." in name for name in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_flex_attention_block_mask_matches_the_dense_mask():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    batch = MTPDataCollator(3, 40)(_examples(2, 40, seed=8, length=10, prompt=3))
+    losses = {}
+    for implementation in ("sdpa", "flex_attention"):
+        model = tiny_model(seed=8, vocab_size=40, attn_implementation=implementation)
+        randomize_adapter(mtp_model.patch(model, mtp_model.MTPConfig(num_masks=3, lora_rank=4)))
+        with torch.no_grad():
+            losses[implementation] = mtp_loss(model, batch)[1]
+    for term, value in losses["sdpa"].items():
+        assert abs(losses["flex_attention"][term] - value) < 1e-4, term

@@ -4,15 +4,22 @@ Shapes: x [..., in], weight [out, in], bias [out] | None, lora_a [r, in], lora_b
 (one flag per row of x). Returns [..., out] in x's dtype. Differentiable in x, lora_a and lora_b (and in
 weight and bias, if they require grad).
 
-Forward: the base product is `F.linear` (cuBLAS), which is what keeps ungated rows bit-identical to the
-plain layer. The LoRA part runs on the gated rows only, with no host sync: `nonzero_static` lists them
-(padded with -1 to the row count), a shrink kernel computes (x A^T) for BLOCK_M listed rows at a time
-into an fp32 buffer, and an expand kernel adds `scaling * (x A^T) B^T` into those rows of the base output.
-Programs past the gated count find only -1 and return at once, so the cost follows the gated count.
+Forward, with no host sync:
+1. `F.linear` (cuBLAS) gives the base output; this is what keeps ungated rows bit-identical to the plain layer.
+2. `nonzero_static` lists the gated rows, padded with -1 to the row count.
+3. The shrink kernel computes (x A^T) for BLOCK_M listed rows per program into an fp32 buffer [SPLIT_K, M, r].
+   Decode has few rows and a long K (up to 14336), so K is split over SPLIT_K <= 16 programs to fill the GPU;
+   each writes its partial sum (no atomics, so the result is deterministic). Ranks beyond BLOCK_R are tiled.
+4. The expand kernel sums the partials and adds `scaling * (x A^T) B^T` into the listed rows of the output.
+Programs whose slots lie past the gated count read only -1 and return at once: the cost follows the gated count.
+
 Backward: torch matmuls with the gate as a row mask (training layouts gate most rows anyway).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,39 +34,48 @@ if backend.HAS_TRITON:
     @backend.triton_kernel
     def _shrink_kernel(
         x_ptr, a_ptr, rows_ptr, xa_ptr,
-        M, K, R,
-        stride_xm, stride_am, stride_xam,
+        M, K, R, K_PER_SPLIT,
+        stride_xm, stride_am, stride_xas, stride_xam,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     ):
-        """xa[i] = x[rows[i]] @ A^T for the listed rows i of this program (in ACC: fp32, or fp64 for fp64)."""
+        """xa[s, i, ranks] = x[rows[i], ks] @ A[ranks, ks]^T for split s (columns ks) and one tile of ranks.
+
+        A split that starts past K writes zeros, so every one of the SPLIT_K partials is defined.
+        """
         slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.load(rows_ptr + slots, mask=slots < M, other=-1)
         if tl.max(rows, axis=0) < 0:  # past the gated count: nothing to do
             return
         row_ok = rows >= 0
-        ranks = tl.arange(0, BLOCK_R)
+        split = tl.program_id(1)
+        ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        k_start = split * K_PER_SPLIT
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=ACC)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :],
+            col_ok = cols < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                         other=0.0)
-            a = tl.load(a_ptr + ranks[None, :] * stride_am + cols[:, None], mask=(ranks < R)[None, :] & (cols < K)[:, None],
+            a = tl.load(a_ptr + ranks[None, :] * stride_am + cols[:, None], mask=rank_ok[None, :] & col_ok[:, None],
                         other=0.0)
             if UPCAST:
-                acc += tl.dot(x.to(ACC), a.to(ACC), input_precision="ieee")
+                acc = tl.dot(x.to(ACC), a.to(ACC), acc, input_precision="ieee")
             else:
-                acc += tl.dot(x, a)
-        tl.store(xa_ptr + slots[:, None] * stride_xam + ranks[None, :], acc,
-                 mask=row_ok[:, None] & (ranks < R)[None, :])
+                acc = tl.dot(x, a, acc)
+        tl.store(xa_ptr + split * stride_xas + slots[:, None] * stride_xam + ranks[None, :], acc,
+                 mask=row_ok[:, None] & rank_ok[None, :])
 
     @backend.triton_kernel
     def _expand_kernel(
         out_ptr, b_ptr, rows_ptr, xa_ptr, scaling,
         M, N, R,
-        stride_om, stride_bn, stride_xam,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+        stride_om, stride_bn, stride_xas, stride_xam,
+        SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        UPCAST: tl.constexpr, ACC: tl.constexpr,
     ):
-        """out[rows[i], n] += scaling * xa[i] @ B[n]^T, in fp32, rounded once to out's dtype."""
+        """out[rows[i], n] += scaling * (sum_s xa[s, i]) @ B[n]^T, accumulated in ACC and rounded once."""
         slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.load(rows_ptr + slots, mask=slots < M, other=-1)
         if tl.max(rows, axis=0) < 0:
@@ -67,50 +83,86 @@ if backend.HAS_TRITON:
         row_ok = rows >= 0
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        ranks = tl.arange(0, BLOCK_R)
-        xa = tl.load(xa_ptr + slots[:, None] * stride_xam + ranks[None, :], mask=row_ok[:, None] & (ranks < R)[None, :],
-                     other=0.0)
-        b = tl.load(b_ptr + cols[None, :] * stride_bn + ranks[:, None], mask=col_ok[None, :] & (ranks < R)[:, None],
-                    other=0.0)
-        if UPCAST:
-            delta = tl.dot(xa, b.to(ACC), input_precision="ieee")
-        else:
-            delta = tl.dot(xa.to(b.dtype), b)
+        delta = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for r0 in range(0, R, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            rank_ok = ranks < R
+            xa_ptrs = xa_ptr + slots[:, None] * stride_xam + ranks[None, :]
+            xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=ACC)
+            for split in tl.static_range(SPLIT_K):  # unrolled: the partial loads are issued together
+                xa += tl.load(xa_ptrs + split * stride_xas, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + cols[None, :] * stride_bn + ranks[:, None], mask=col_ok[None, :] & rank_ok[:, None],
+                        other=0.0)
+            if UPCAST:
+                delta = tl.dot(xa, b.to(ACC), delta, input_precision="ieee")
+            else:  # tensor cores take x A^T rounded to the weights' dtype, as peft's LoRA forward does
+                delta = tl.dot(xa.to(b.dtype), b, delta)
         out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
         tile_ok = row_ok[:, None] & col_ok[None, :]
         base = tl.load(out_ptrs, mask=tile_ok, other=0.0).to(ACC)
         tl.store(out_ptrs, (base + scaling * delta).to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def _block_sizes(rank: int, on_cuda: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R): a small table instead of autotuning."""
-    block_r = max(16, triton.next_power_of_2(rank))
-    if not on_cuda:  # interpreter: few, large programs
-        return 64, 128, 128, block_r
-    if block_r >= 128:
-        return 16, 64, 64, block_r
-    return 16, 128, 128, block_r
+MAX_SPLIT_K = 16
+
+
+class _Plan(NamedTuple):
+    block_m: int
+    block_k: int
+    block_n: int
+    block_r: int
+    split_k: int
+    k_per_split: int
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _plan(rows: int, in_features: int, rank: int, element_size: int, device: torch.device) -> _Plan:
+    """Block sizes from a small table instead of autotuning, and the K split that fills the machine."""
+    block_r = min(128, max(16, triton.next_power_of_2(rank)))
+    if device.type == "cuda":
+        block_m = 16 if rows <= 1024 else 64  # many rows: taller tiles re-read B fewer times
+        block_n = 128 if block_m == 16 else 64
+        # An A tile of at most 16 KiB, so that three pipeline stages fit in shared memory.
+        block_k = max(32, min(128, 16384 // (block_r * element_size)))
+        target_programs = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:  # interpreter: few, large programs, but still more than one K split for long rows
+        block_m, block_k, block_n = 64, 128, 128
+        target_programs = 4
+    shrink_tiles = triton.cdiv(rows, block_m) * triton.cdiv(rank, block_r)
+    k_blocks = triton.cdiv(in_features, block_k)
+    # A power of two up to 16: the expand kernel unrolls its sum over the partials, so few variants compile.
+    wanted = min(MAX_SPLIT_K, k_blocks, max(1, target_programs // shrink_tiles))
+    split_k = 1 << (wanted.bit_length() - 1)
+    return _Plan(block_m, block_k, block_n, block_r, split_k, triton.cdiv(k_blocks, split_k) * block_k)
 
 
 def _lora_into(out2d, x2d, lora_a, lora_b, scaling, gate1d):
-    """Adds the LoRA term into the gated rows of out2d in place (Triton)."""
+    """Adds the LoRA term into the gated rows of out2d in place (Triton); x2d, lora_a, lora_b contiguous."""
     M, K = x2d.shape
     N, R = lora_b.shape
     if M == 0:
         return out2d
     rows = torch.nonzero_static(gate1d, size=M, fill_value=-1).squeeze(1)
     wide = x2d.dtype == torch.float64  # fp64 stays fp64 end to end (gradcheck)
-    xa = torch.empty(M, R, device=x2d.device, dtype=torch.float64 if wide else torch.float32)
-    block_m, block_k, block_n, block_r = _block_sizes(R, x2d.is_cuda)
+    plan = _plan(M, K, R, x2d.element_size(), x2d.device)
+    xa = torch.empty(plan.split_k, M, R, device=x2d.device, dtype=torch.float64 if wide else torch.float32)
+    # fp32/fp64 inputs, and every dtype in the interpreter (which does bf16 math on raw bits), run in ACC.
     upcast = (not x2d.is_cuda) or x2d.dtype in (torch.float32, torch.float64)
     acc = tl.float64 if wide else tl.float32
-    _shrink_kernel[(triton.cdiv(M, block_m),)](
-        x2d, lora_a, rows, xa, M, K, R, x2d.stride(0), lora_a.stride(0), xa.stride(0),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, UPCAST=upcast, ACC=acc,
+    m_blocks = triton.cdiv(M, plan.block_m)
+    _shrink_kernel[(m_blocks, plan.split_k, triton.cdiv(R, plan.block_r))](
+        x2d, lora_a, rows, xa, M, K, R, plan.k_per_split,
+        x2d.stride(0), lora_a.stride(0), xa.stride(0), xa.stride(1),
+        BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_R=plan.block_r, UPCAST=upcast, ACC=acc,
     )
-    _expand_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        out2d, lora_b, rows, xa, float(scaling), M, N, R, out2d.stride(0), lora_b.stride(0), xa.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, UPCAST=upcast, ACC=acc,
+    _expand_kernel[(m_blocks, triton.cdiv(N, plan.block_n))](
+        out2d, lora_b, rows, xa, float(scaling), M, N, R,
+        out2d.stride(0), lora_b.stride(0), xa.stride(0), xa.stride(1),
+        SPLIT_K=plan.split_k, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r, UPCAST=upcast, ACC=acc,
     )
     return out2d
 
@@ -118,8 +170,10 @@ def _lora_into(out2d, x2d, lora_a, lora_b, scaling, gate1d):
 class _GatedLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, gate):
+        # F.linear on x as given: a 1-D x takes a different BLAS path than a [1, in] one, and gate-0 rows
+        # must match the caller's own F.linear(x, weight, bias) bit for bit.
+        out2d = F.linear(x, weight, bias).reshape(-1, weight.shape[0])
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        out2d = F.linear(x2d, weight, bias)
         _lora_into(out2d, x2d, lora_a.contiguous(), lora_b.contiguous(), scaling, gate.reshape(-1))
         ctx.save_for_backward(x2d, weight, lora_a, lora_b, gate.reshape(-1))
         ctx.scaling = scaling
@@ -129,19 +183,21 @@ class _GatedLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x2d, weight, lora_a, lora_b, gate = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dy = grad_out.reshape(-1, weight.shape[0])
         dy_gated = dy * gate[:, None].to(dy.dtype)  # the LoRA term only exists on gated rows
-        dy_b = dy_gated @ lora_b  # [M, r]
         grad_x = grad_weight = grad_bias = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if need_x or need_a:
+            dy_b = dy_gated @ lora_b  # [M, r]
+        if need_x:
             grad_x = (dy @ weight + ctx.scaling * (dy_b @ lora_a)).reshape(*grad_out.shape[:-1], weight.shape[1])
-        if ctx.needs_input_grad[1]:
+        if need_weight:
             grad_weight = dy.t() @ x2d
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and need_bias:
             grad_bias = dy.sum(0)
-        if ctx.needs_input_grad[3]:
+        if need_a:
             grad_a = ctx.scaling * (dy_b.t() @ x2d)
-        if ctx.needs_input_grad[4]:
+        if need_b:
             grad_b = ctx.scaling * (dy_gated.t() @ (x2d @ lora_a.t()))
         return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None
 
@@ -169,6 +225,7 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, gate):
 
 
 def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, gate):
+    """`F.linear(x, weight, bias)`, plus `scaling * (x A^T) B^T` on the rows of x whose gate is set."""
     _check_inputs(x, weight, bias, lora_a, lora_b, gate)
     if backend.use_triton(x):
         return _GatedLoRAFunction.apply(x, weight, bias, lora_a, lora_b, scaling, gate)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import mtp_kernels
 from mtp_kernels import reference
+from mtp_kernels.gated_lora import _plan
 from mtp_model.modules import GateContext, GatedLoRALinear
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -34,7 +35,7 @@ def assert_lora_rows_close(out, x, weight, bias, a, b, scaling, gate):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("rows", "in_f", "out_f", "rank"), [(37, 70, 50, 5), (1, 33, 17, 1), (81, 64, 96, 16), (20, 48, 40, 256)])
+@pytest.mark.parametrize(("rows", "in_f", "out_f", "rank"), [(37, 70, 50, 5), (1, 33, 17, 1), (81, 64, 96, 16), (3, 600, 24, 8), (20, 300, 40, 256)])
 @pytest.mark.parametrize("gated", ["random", "none", "all"])
 def test_forward(kernel_mode, dtype, rows, in_f, out_f, rank, gated):
     x, weight, bias, a, b, gate = make(rows, in_f, out_f, rank, dtype, gated, seed=rows + rank)
@@ -45,6 +46,15 @@ def test_forward(kernel_mode, dtype, rows, in_f, out_f, rank, gated):
     assert_lora_rows_close(out, x, weight, bias, a, b, 2.0, gate)
 
 
+def test_forward_shapes_reach_every_launch_branch():
+    """Two of test_forward's shapes split K (one with an empty last split) and tile the rank in the interpreter."""
+    cpu = torch.device("cpu")
+    empty_split = _plan(3, 600, 8, 4, cpu)
+    assert empty_split.split_k == 4 and (empty_split.split_k - 1) * empty_split.k_per_split >= 600
+    tiled = _plan(20, 300, 256, 4, cpu)
+    assert tiled.split_k == 2 and tiled.block_r < 256
+
+
 def test_leading_dims_and_no_bias(kernel_mode):
     x, weight, _, a, b, gate = make(7, 40, 24, 4, torch.float32, lead=(3,), bias=False)
     out = mtp_kernels.gated_lora_linear(x, weight, None, a, b, 0.5, gate)
@@ -53,11 +63,11 @@ def test_leading_dims_and_no_bias(kernel_mode):
     assert_lora_rows_close(out, x, weight, None, a, b, 0.5, gate)
 
 
-def test_backward_matches_autograd_through_the_reference(kernel_mode):
-    x, weight, bias, a, b, gate = make(29, 40, 24, 6, torch.float32, seed=3)
+def check_backward_against_the_reference(device):
+    x, weight, bias, a, b, gate = (t.to(device) for t in make(29, 40, 24, 6, torch.float32, seed=3))
     weight.requires_grad_(True)
     leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
-    grad_out = torch.randn(29, 24)
+    grad_out = torch.randn(29, 24, device=device)
     mtp_kernels.gated_lora_linear(leaves[0], weight, bias, leaves[1], leaves[2], 1.5, gate).backward(grad_out)
     expected = [t.clone().requires_grad_(True) for t in (x, a, b)]
     weight_ref = weight.detach().clone().requires_grad_(True)
@@ -67,10 +77,29 @@ def test_backward_matches_autograd_through_the_reference(kernel_mode):
     torch.testing.assert_close(weight.grad, weight_ref.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_gradcheck_float64(kernel_mode):
-    x, weight, bias, a, b, gate = make(9, 12, 7, 3, torch.float64, seed=4)
+def gradcheck_float64(device):
+    x, weight, bias, a, b, gate = (t.to(device) for t in make(9, 12, 7, 3, torch.float64, seed=4))
     inputs = [t.requires_grad_(True) for t in (x, a, b)]
     assert torch.autograd.gradcheck(lambda x, a, b: mtp_kernels.gated_lora_linear(x, weight, bias, a, b, 1.5, gate), inputs)
+
+
+def test_single_row_as_a_vector(kernel_mode):
+    x, weight, bias, a, b, _ = make(1, 40, 24, 4, torch.float32, seed=5)
+    for flag in (False, True):
+        out = mtp_kernels.gated_lora_linear(x[0], weight, bias, a, b, 2.0, torch.tensor(flag))
+        assert out.shape == (24,)
+        if flag:
+            torch.testing.assert_close(out, F.linear(x[0], weight, bias) + 2.0 * (x[0] @ a.t()) @ b.t())
+        else:
+            assert torch.equal(out, F.linear(x[0], weight, bias))
+
+
+def test_backward_matches_autograd_through_the_reference(kernel_mode):
+    check_backward_against_the_reference(torch.device("cpu"))
+
+
+def test_gradcheck_float64(kernel_mode):
+    gradcheck_float64(torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -114,9 +143,18 @@ def test_module_uses_peft_names_and_reads_the_shared_gate(kernel_mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("rows", "in_f", "out_f", "rank"), [(81, 4096, 1024, 16), (648, 4096, 4096, 128), (1, 14336, 4096, 16), (333, 100, 77, 3)])
+@pytest.mark.parametrize(
+    ("rows", "in_f", "out_f", "rank"),
+    [(81, 4096, 1024, 16), (648, 4096, 4096, 128), (1, 14336, 4096, 16), (2000, 1000, 600, 200), (333, 100, 77, 3)],
+)
 def test_compiled_kernels_on_gpu(dtype, rows, in_f, out_f, rank):
     x, weight, bias, a, b, gate = (t.cuda() if t is not None else None for t in make(rows, in_f, out_f, rank, dtype))
     out = mtp_kernels.gated_lora_linear(x, weight, bias, a, b, 2.0, gate)
     assert torch.equal(out[~gate], F.linear(x, weight, bias)[~gate])
     assert_lora_rows_close(out, x, weight, bias, a, b, 2.0, gate)
+
+
+@pytest.mark.gpu
+def test_compiled_backward_on_gpu():
+    check_backward_against_the_reference(torch.device("cuda"))
+    gradcheck_float64(torch.device("cuda"))

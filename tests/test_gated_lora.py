@@ -24,18 +24,23 @@ def make(rows, in_features, out_features, rank, dtype, gated="random", bias=True
         "none": torch.zeros(*lead, rows, dtype=torch.bool),
         "all": torch.ones(*lead, rows, dtype=torch.bool),
     }[gated]
-    return x, rand(out_features, in_features), rand(out_features) if bias else None, rand(rank, in_features), rand(out_features, rank), gate
+    bias = rand(out_features) if bias else None
+    return x, rand(out_features, in_features), bias, rand(rank, in_features), rand(out_features, rank), gate
 
 
 def assert_lora_rows_close(out, x, weight, bias, a, b, scaling, gate):
-    exact = reference.gated_lora_linear(*(t.double() if t is not None else None for t in (x, weight, bias, a, b)), scaling, gate)
+    wide = (t.double() if t is not None else None for t in (x, weight, bias, a, b))
+    exact = reference.gated_lora_linear(*wide, scaling, gate)
     same_dtype = reference.gated_lora_linear(x, weight, bias, a, b, scaling, gate).double()
     budget = 2 * (same_dtype - exact).abs().max().item() + torch.finfo(x.dtype).eps * max(exact.abs().max().item(), 1.0)
     assert (out.double() - exact).abs().max().item() <= budget
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("rows", "in_f", "out_f", "rank"), [(37, 70, 50, 5), (1, 33, 17, 1), (81, 64, 96, 16), (3, 600, 24, 8), (20, 300, 40, 256)])
+@pytest.mark.parametrize(
+    ("rows", "in_f", "out_f", "rank"),
+    [(37, 70, 50, 5), (1, 33, 17, 1), (81, 64, 96, 16), (3, 600, 24, 8), (20, 300, 40, 256)],
+)
 @pytest.mark.parametrize("gated", ["random", "none", "all"])
 def test_forward(kernel_mode, dtype, rows, in_f, out_f, rank, gated):
     x, weight, bias, a, b, gate = make(rows, in_f, out_f, rank, dtype, gated, seed=rows + rank)
@@ -80,7 +85,10 @@ def check_backward_against_the_reference(device):
 def gradcheck_float64(device):
     x, weight, bias, a, b, gate = (t.to(device) for t in make(9, 12, 7, 3, torch.float64, seed=4))
     inputs = [t.requires_grad_(True) for t in (x, a, b)]
-    assert torch.autograd.gradcheck(lambda x, a, b: mtp_kernels.gated_lora_linear(x, weight, bias, a, b, 1.5, gate), inputs)
+    def op(x, a, b):
+        return mtp_kernels.gated_lora_linear(x, weight, bias, a, b, 1.5, gate)
+
+    assert torch.autograd.gradcheck(op, inputs)
 
 
 def test_single_row_as_a_vector(kernel_mode):
@@ -127,7 +135,8 @@ def test_module_uses_peft_names_and_reads_the_shared_gate(kernel_mode):
     context = GateContext()
     base = torch.nn.Linear(16, 12)
     layer = GatedLoRALinear(base, rank=4, alpha=8, context=context)
-    assert set(dict(layer.named_parameters())) == {"base_layer.weight", "base_layer.bias", "lora_A.weight", "lora_B.weight"}
+    names = {"base_layer.weight", "base_layer.bias", "lora_A.weight", "lora_B.weight"}
+    assert set(dict(layer.named_parameters())) == names
     assert layer.scaling == 2.0 and torch.equal(layer.lora_B.weight, torch.zeros(12, 4))
     torch.nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(2, 5, 16)

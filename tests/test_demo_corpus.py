@@ -1,4 +1,8 @@
-"""The demo corpus is deterministic and its held-out split never leaks into training."""
+"""The demo corpus is deterministic, its held-out split never leaks into training, and its prompt/response
+pairs are cut where the tokenizer cuts."""
+
+import pytest
+from tokenizers import pre_tokenizers
 
 from mtp_model.demo import corpus
 
@@ -9,17 +13,31 @@ def test_split_by_file_is_disjoint_and_stable():
     assert heldout == corpus.stdlib_files("heldout")
 
 
-def test_math_problems_are_seeded_and_correct():
-    pairs = corpus.math_pairs("heldout", 50)
-    assert pairs == corpus.math_pairs("heldout", 50)
-    assert not set(pairs) & set(corpus.math_pairs("train", 2000))
+def test_heldout_math_is_seeded_correct_and_unseen_in_pretraining():
+    pairs = corpus.math_pairs("heldout", 200)
+    assert pairs == corpus.math_pairs("heldout", 200)
+    assert not set(pairs) & set(corpus.math_pairs("train", corpus.MATH_TRAIN_COUNT))
     for problem, solution in pairs:
         answer = int(solution.rsplit("The answer is ", 1)[1].rstrip("."))
         if problem.startswith("Compute "):
             assert eval(problem.removeprefix("Compute ").rstrip(".")) == answer
 
 
-def test_prompt_pairs_cover_every_domain():
-    pairs = corpus.prompt_pairs("heldout", 3)
+def test_math_prompts_continue_like_the_pretraining_documents():
+    (prompt, response), = corpus.prompt_pairs("train", 1)["math"]
+    assert prompt + response == corpus.math_document(*corpus.math_pairs("train", 1)[0])
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_pairs_split_at_a_pretokenizer_boundary(split):
+    # BPE merges never cross pre-token boundaries, so a cut at one tokenizes apart exactly as joined.
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    pairs = corpus.prompt_pairs(split, 200)
     assert set(pairs) == set(corpus.DOMAINS)
-    assert all(len(domain_pairs) == 3 and all(p and r for p, r in domain_pairs) for domain_pairs in pairs.values())
+    for domain, domain_pairs in pairs.items():
+        assert len(domain_pairs) >= 100, domain  # held-out prose has about 160 in all
+        for prompt, response in domain_pairs:
+            assert prompt.strip() and response.strip(), (domain, prompt)
+            assert not prompt[-1].isspace(), (domain, prompt)
+            starts = {start for _, (start, _) in byte_level.pre_tokenize_str(prompt + response)}
+            assert len(prompt) in starts, (domain, prompt, response[:40])

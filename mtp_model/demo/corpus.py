@@ -7,17 +7,24 @@ Three domains, each split into train and held-out parts:
 `pretraining_text` gives the base model's training text; `prompt_pairs` gives prompt/response pairs
 (a function's first lines -> its body, a problem -> its worked solution, a docstring's first sentence ->
 the rest) for adapter training (train split) and evaluation (held-out split).
+
+Every pair is cut where the byte-level pre-tokenizer cuts the joined text (the prompt never ends in
+whitespace; the response carries the leading space or newline), so the prompt and the response tokenized
+apart give the tokens the model saw in pretraining. A prompt ending in "Solution: " would instead end in a
+lone space token the model never saw before a number, and it answers nonsense.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import random
 import sysconfig
 from pathlib import Path
 
 DOMAINS = ("code", "math", "prose")
+MATH_TRAIN_COUNT = 30_000  # problems in the pretraining text; the held-out ones avoid all of them
 
 
 def _held_out(path: Path) -> bool:
@@ -68,15 +75,20 @@ def code_texts(split: str, max_chars: int) -> list[str]:
     return texts
 
 
-def docstrings(split: str, max_chars: int) -> list[str]:
-    found, total = [], 0
+def _file_docstrings(split: str):
+    """The docstrings longer than 80 characters of each parsable stdlib file of the split, file by file."""
     for _, tree in _parsed_files(split):
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 80:
-                    found.append(doc.strip())
-                    total += len(doc)
+        documented = (node for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)))
+        yield [doc for doc in map(ast.get_docstring, documented) if doc and len(doc) > 80]
+
+
+def docstrings(split: str, max_chars: int) -> list[str]:
+    """Whole files' docstrings until `max_chars` is reached."""
+    found, total = [], 0
+    for docs in _file_docstrings(split):
+        found += [doc.strip() for doc in docs]
+        total += sum(map(len, docs))
         if total >= max_chars:
             break
     return found
@@ -108,14 +120,28 @@ def math_problem(rng: random.Random) -> tuple[str, str]:
 
 
 def math_pairs(split: str, count: int) -> list[tuple[str, str]]:
-    rng = random.Random(1234 if split == "train" else 98765)
-    return [math_problem(rng) for _ in range(count)]
+    """The first `count` problems of the split. The space of small problems is narrow (about 10k sums), so
+    the held-out generator skips every problem of the training set rather than trusting its own seed."""
+    if split == "train":
+        rng = random.Random(1234)
+        return [math_problem(rng) for _ in range(count)]
+    seen = set(math_pairs("train", MATH_TRAIN_COUNT))
+    rng, pairs = random.Random(98765), []
+    while len(pairs) < count:
+        pair = math_problem(rng)
+        if pair not in seen:
+            pairs.append(pair)
+    return pairs
 
 
-def pretraining_text(code_chars: int = 1_500_000, prose_chars: int = 600_000, math_count: int = 30_000) -> list[str]:
+def math_document(problem: str, solution: str) -> str:
+    return f"Problem: {problem}\nSolution: {solution}"
+
+
+def pretraining_text(code_chars: int = 1_500_000, prose_chars: int = 600_000) -> list[str]:
     """Documents of the train split, shuffled with a fixed seed."""
     documents = code_texts("train", code_chars) + docstrings("train", prose_chars)
-    documents += [f"Problem: {q}\nSolution: {a}" for q, a in math_pairs("train", math_count)]
+    documents += [math_document(q, a) for q, a in math_pairs("train", MATH_TRAIN_COUNT)]
     random.Random(0).shuffle(documents)
     return documents
 
@@ -127,8 +153,9 @@ def _function_pairs(split: str, count: int, head_lines: int = 2) -> list[tuple[s
             if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno >= 4:
                 body = lines[node.lineno - 1 : node.end_lineno]
                 indent = len(body[0]) - len(body[0].lstrip())
-                body = [line[indent:] for line in body]
-                pairs.append(("\n".join(body[:head_lines]) + "\n", "\n".join(body[head_lines:])))
+                text = "\n".join(line[indent:].rstrip() for line in body)
+                cut = len("\n".join(line[indent:] for line in body[:head_lines]).rstrip())
+                pairs.append((text[:cut], text[cut:]))
                 if len(pairs) >= count:
                     return pairs
     return pairs
@@ -136,8 +163,8 @@ def _function_pairs(split: str, count: int, head_lines: int = 2) -> list[tuple[s
 
 def _prose_pairs(split: str, count: int) -> list[tuple[str, str]]:
     pairs = []
-    for doc in docstrings(split, max_chars=10**9):
-        first, dot, rest = doc.partition(". ")
+    for doc in itertools.chain.from_iterable(_file_docstrings(split)):
+        first, dot, rest = doc.strip().partition(". ")
         if dot and len(rest) > 40:
             pairs.append((first + ".", " " + rest))
         if len(pairs) >= count:
@@ -149,6 +176,6 @@ def prompt_pairs(split: str, per_domain: int) -> dict[str, list[tuple[str, str]]
     """Prompt/response pairs per domain: the train split for the adapter, the held-out one for evaluation."""
     return {
         "code": _function_pairs(split, per_domain),
-        "math": [(f"Problem: {q}\nSolution: ", a) for q, a in math_pairs(split, per_domain)],
+        "math": [(f"Problem: {q}\nSolution:", f" {a}") for q, a in math_pairs(split, per_domain)],
         "prose": _prose_pairs(split, per_domain),
     }

@@ -41,3 +41,20 @@ def test_pairs_split_at_a_pretokenizer_boundary(split):
             assert not prompt[-1].isspace(), (domain, prompt)
             starts = {start for _, (start, _) in byte_level.pre_tokenize_str(prompt + response)}
             assert len(prompt) in starts, (domain, prompt, response[:40])
+
+
+def test_tokenizer_is_lossless_and_loads_with_from_pretrained(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mtp_model.demo import build
+
+    documents = corpus.code_texts("train", 50_000) + [corpus.math_document(*p) for p in corpus.math_pairs("train", 200)]
+    build.build_tokenizer(tmp_path, vocab_size=512, documents=documents)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tokenizer) == 512
+    assert [tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token] == build.SPECIAL_TOKENS
+    assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id] == [0, 1, 2]
+    unseen = corpus.code_texts("heldout", 20_000) + ["caf\u00e9\t  x = '\u00fc\u2192'  \n\n\r\n", "Problem: Compute 7 + 8."]
+    for text in unseen:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text

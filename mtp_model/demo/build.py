@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +29,8 @@ SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
 NUM_MASKS = 8
 
 
-def build_tokenizer(out: Path, vocab_size: int = 4096):
+def build_tokenizer(out: Path, vocab_size: int = 4096, documents: list[str] | None = None):
+    """Trains on `documents` (default: the pretraining text); byte-level, so every text round-trips."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,7 +39,7 @@ def build_tokenizer(out: Path, vocab_size: int = 4096):
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(corpus.pretraining_text(), trainer=trainer)
+    core.train_from_iterator(corpus.pretraining_text() if documents is None else documents, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", bos_token="<|bos|>",
                                         eos_token="<|eos|>")
     tokenizer.save_pretrained(out)
@@ -105,14 +107,15 @@ def train_adapter(out: Path, tokenizer, model, steps: int, per_domain: int = 400
     pairs = self_distill(model, tokenizer, pairs, max_new_tokens=96, batch_size=32)
     examples = tokenize_pairs(tokenizer, pairs, max_length=160)
     mtp_model.patch(model, mtp_model.MTPConfig(num_masks=NUM_MASKS, lora_rank=16, lora_alpha=32))
-    args = TrainingArguments(
-        output_dir=str(out / "adapter_checkpoints"), max_steps=steps, per_device_train_batch_size=4,
-        learning_rate=2e-3, warmup_steps=min(100, steps // 10), lr_scheduler_type="constant_with_warmup",
-        logging_steps=50, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, seed=seed,
-    )
-    trainer = MTPTrainer(model=model, args=args, train_dataset=examples,
-                         data_collator=MTPDataCollator(NUM_MASKS, model.config.vocab_size))
-    trainer.train()
+    with tempfile.TemporaryDirectory(prefix="mtp_demo_adapter_") as scratch:  # Trainer wants one; saves nothing
+        args = TrainingArguments(
+            output_dir=scratch, max_steps=steps, per_device_train_batch_size=4,
+            learning_rate=2e-3, warmup_steps=min(100, steps // 10), lr_scheduler_type="constant_with_warmup",
+            logging_steps=50, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, seed=seed,
+        )
+        trainer = MTPTrainer(model=model, args=args, train_dataset=examples,
+                             data_collator=MTPDataCollator(NUM_MASKS, model.config.vocab_size))
+        trainer.train()
     mtp_model.save_adapter(model, out / "adapter")
 
 

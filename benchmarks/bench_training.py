@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import mtp_model
 from mtp_model.patch import embed_tokens
-from mtp_model.training import IGNORE_INDEX, MTPDataCollator, mtp_loss
+from mtp_model.training import IGNORE_INDEX, MTPDataCollator, attention_structure, mtp_loss
 
 K = 8 if ON_GPU else 3
 RANK = 16
@@ -66,6 +66,7 @@ def test_peft_ungated_lora_step(benchmark):
     batch = batch_for(model.config.vocab_size)
     with torch.no_grad():  # the same inputs, mask embeddings included
         embeds = embed_tokens(model, batch["input_ids"])
+        attention_mask = attention_structure(model, batch)  # the collator leaves the mask to the model
     mtp_model.unpatch(model)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets))
@@ -73,7 +74,7 @@ def test_peft_ungated_lora_step(benchmark):
 
     def step():
         hidden = peft_model.base_model.model.model(inputs_embeds=embeds, position_ids=batch["position_ids"],
-                                                    attention_mask=batch["attention_mask"]).last_hidden_state
+                                                    attention_mask=attention_mask).last_hidden_state
         rows = labels != IGNORE_INDEX
         loss = F.cross_entropy(peft_model.base_model.model.lm_head(hidden[rows]).float(), labels[rows])
         loss.backward()

@@ -9,24 +9,26 @@
 // lengths[b] + i of every cache, then lengths[b] grows by the number kept. Invalid input raises
 // ValueError before anything is written.
 //
-// CPU: parallel over (row, head). CUDA (built with -DMTP_WITH_CUDA): one launch for all caches, kernel
-// in kv_compact_cuda.cu. Includes only the ATen/torch headers the op needs, to keep the build short.
+// CPU: parallel over (row, head). CUDA (built with -DMTP_WITH_CUDA): the kernels in kv_compact_cuda.cu,
+// one copy launch for all caches. Includes only the ATen/torch headers the op needs, to keep the build
+// short.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstring>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "kv_compact.h"
+
 #ifdef MTP_WITH_CUDA
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include "kv_compact.h"
 #endif
 
 namespace mtp {
@@ -63,123 +65,114 @@ void check_inputs(at::TensorList caches, const at::Tensor& lengths, const at::Te
                     " columns but the block has only ", block_size, " entries");
 }
 
-// Validates every row first (so a bad row leaves all caches untouched) and returns the kept counts.
-std::vector<int64_t> checked_kept_counts(const int64_t* lengths, const int64_t* keep, int64_t batch, int64_t max_keep,
-                                         int64_t block_size, int64_t slots) {
-  std::vector<int64_t> counts(batch, 0);
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK_VALUE(lengths[b] >= 0 && lengths[b] + block_size <= slots, "kv_compact: row ", b, " has length ",
-                      lengths[b], "; length + block_size = ", lengths[b] + block_size, " exceeds the cache's ", slots,
-                      " slots");
-    const int64_t* row = keep + b * max_keep;
-    int64_t count = 0;
-    while (count < max_keep && row[count] >= 0) {
-      TORCH_CHECK_VALUE(row[count] < block_size, "kv_compact: keep[", b, ", ", count, "] = ", row[count],
-                        " is outside the block of ", block_size, " entries");
-      TORCH_CHECK_VALUE(count == 0 || row[count] > row[count - 1], "kv_compact: keep[", b,
-                        "] must be strictly increasing");
-      ++count;
-    }
-    for (int64_t i = count; i < max_keep; ++i) {
-      TORCH_CHECK_VALUE(row[i] < 0, "kv_compact: keep[", b, "] has an index after its -1 padding");
-    }
-    counts[b] = count;
+std::string row_string(const int64_t* row, int64_t count) {
+  std::ostringstream text;
+  text << "[";
+  for (int64_t i = 0; i < count; ++i) text << (i ? ", " : "") << row[i];
+  text << "]";
+  return text.str();
+}
+
+const char* describe(int32_t error) {
+  switch (error) {
+    case kBlockPastCache:
+      return "length + block_size exceeds the cache's slots (or the length is negative)";
+    case kKeepOutsideBlock:
+      return "a kept index is outside the block";
+    case kKeepNotIncreasing:
+      return "kept indices must be strictly increasing";
+    default:
+      return "an index follows the -1 padding";
   }
-  return counts;
 }
 
 void kv_compact_cpu(at::TensorList caches, const at::Tensor& lengths, const at::Tensor& keep, int64_t block_size) {
   check_inputs(caches, lengths, keep, block_size);
   const at::Tensor& first = caches[0];
-  const int64_t batch = first.size(0), heads = first.size(1), slots = first.size(2), head_dim = first.size(3);
+  const int64_t batch = first.size(0), heads = first.size(1), slots = first.size(2);
   const int64_t max_keep = keep.size(1);
   int64_t* length_data = lengths.data_ptr<int64_t>();
   const int64_t* keep_data = keep.data_ptr<int64_t>();
-  const std::vector<int64_t> counts = checked_kept_counts(length_data, keep_data, batch, max_keep, block_size, slots);
+
+  // Every row is checked before anything moves, so a bad row leaves caches and lengths untouched.
+  std::vector<int64_t> kept(batch), in_place(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const RowCheck check = check_row(keep_data + b * max_keep, max_keep, length_data[b], block_size, slots);
+    TORCH_CHECK_VALUE(check.error == kOk, "kv_compact: row ", b, ": ", describe(check.error), " (length ",
+                      length_data[b], ", block_size ", block_size, ", ", slots, " slots, keep[", b, "] = ",
+                      row_string(keep_data + b * max_keep, max_keep), ")");
+    kept[b] = check.kept;
+    in_place[b] = check.in_place;
+  }
 
   const int64_t element_size = first.element_size();
-  const int64_t entry_bytes = head_dim * element_size;
+  const int64_t entry_bytes = first.size(3) * element_size;
   const int64_t stride_batch = first.stride(0) * element_size, stride_head = first.stride(1) * element_size,
                 stride_slot = first.stride(2) * element_size;
   std::vector<char*> bases;
   for (const at::Tensor& cache : caches) bases.push_back(static_cast<char*>(cache.data_ptr()));
 
   // Entries of one (row, head) move in increasing order: entry i's target slot can only hold the source
-  // of an entry already moved, so the copy is correct although sources and targets overlap.
+  // of entry i or of an earlier one, so the copy is correct although sources and targets overlap.
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t work = begin; work < end; ++work) {
       const int64_t b = work / heads, h = work % heads;
       const int64_t* row = keep_data + b * max_keep;
       for (char* base : bases) {
         char* head_base = base + b * stride_batch + h * stride_head;
-        for (int64_t i = 0; i < counts[b]; ++i) {
-          const int64_t source = length_data[b] + row[i], target = length_data[b] + i;
-          if (source != target) {
-            std::memcpy(head_base + target * stride_slot, head_base + source * stride_slot, entry_bytes);
-          }
+        for (int64_t i = in_place[b]; i < kept[b]; ++i) {
+          std::memcpy(head_base + (length_data[b] + i) * stride_slot,
+                      head_base + (length_data[b] + row[i]) * stride_slot, entry_bytes);
         }
       }
     }
   });
-  for (int64_t b = 0; b < batch; ++b) length_data[b] += counts[b];
+  for (int64_t b = 0; b < batch; ++b) length_data[b] += kept[b];
 }
 
 #ifdef MTP_WITH_CUDA
-int widest_unit(at::TensorList caches) {
-  const at::Tensor& first = caches[0];
-  const int64_t element_size = first.element_size();
-  for (int unit : {16, 4}) {
-    bool fits = (first.size(3) * element_size) % unit == 0;
-    for (int d = 0; d < 3; ++d) fits = fits && (first.stride(d) * element_size) % unit == 0;
-    for (const at::Tensor& cache : caches) fits = fits && reinterpret_cast<uintptr_t>(cache.data_ptr()) % unit == 0;
-    if (fits) return unit;
-  }
-  return 2;
-}
-
 void kv_compact_cuda(at::TensorList caches, const at::Tensor& lengths, const at::Tensor& keep, int64_t block_size) {
   check_inputs(caches, lengths, keep, block_size);
   const at::Tensor& first = caches[0];
-  TORCH_CHECK_VALUE(first.element_size() == 2 || first.element_size() == 4,
-                    "kv_compact: CUDA caches must have 2- or 4-byte elements, got ", first.scalar_type());
+  const int64_t batch = first.size(0);
+  if (batch == 0) return;
+  TORCH_CHECK_VALUE(batch < INT32_MAX && keep.size(1) < INT32_MAX, "kv_compact: batch and keep.size(1) must fit int32");
   c10::cuda::CUDAGuard guard(first.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
-  std::vector<int64_t> pointers;
-  for (const at::Tensor& cache : caches) pointers.push_back(reinterpret_cast<int64_t>(cache.data_ptr()));
-  at::Tensor host_pointers = at::empty({static_cast<int64_t>(pointers.size())}, at::kLong);
-  std::memcpy(host_pointers.data_ptr<int64_t>(), pointers.data(), pointers.size() * sizeof(int64_t));
-  at::Tensor device_pointers = host_pointers.to(first.device());
-  at::Tensor error = at::zeros({1}, first.options().dtype(at::kInt));
+  std::vector<void*> pointers;
+  for (const at::Tensor& cache : caches) pointers.push_back(cache.data_ptr());
+  at::Tensor status = at::empty({2 + 2 * batch}, lengths.options().dtype(at::kInt));
+  const int64_t element_size = first.element_size();
 
-  KvCompactArgs args;
-  args.caches = reinterpret_cast<void* const*>(device_pointers.data_ptr<int64_t>());
-  args.num_caches = static_cast<int64_t>(caches.size());
-  args.batch = first.size(0);
+  KvCompactCudaArgs args;
+  args.caches = pointers.data();
+  args.num_caches = static_cast<int64_t>(pointers.size());
+  args.batch = batch;
   args.heads = first.size(1);
   args.slots = first.size(2);
-  args.head_dim = first.size(3);
-  args.stride_batch = first.stride(0);
-  args.stride_head = first.stride(1);
-  args.stride_slot = first.stride(2);
-  args.element_size = first.element_size();
+  args.entry_bytes = first.size(3) * element_size;
+  args.stride_batch = first.stride(0) * element_size;
+  args.stride_head = first.stride(1) * element_size;
+  args.stride_slot = first.stride(2) * element_size;
   args.lengths = lengths.data_ptr<int64_t>();
   args.keep = keep.data_ptr<int64_t>();
   args.max_keep = keep.size(1);
   args.block_size = block_size;
-  args.error_flag = error.data_ptr<int32_t>();
+  args.status = status.data_ptr<int32_t>();
 
-  int status = launch_kv_compact(args, widest_unit(caches), stream);
-  TORCH_CHECK(status == 0, "kv_compact: CUDA launch failed with error ", status);
-  status = launch_advance_lengths(lengths.data_ptr<int64_t>(), args.keep, args.batch, args.max_keep, args.error_flag,
-                                  stream);
-  TORCH_CHECK(status == 0, "kv_compact: CUDA launch failed with error ", status);
-  // Reading the flag waits for the copy; generation synchronises once per step anyway to decide stopping.
-  const int32_t code = error.item<int32_t>();
-  TORCH_CHECK_VALUE(code == 0, "kv_compact: ",
-                    code == 1   ? "a kept index is outside the block"
-                    : code == 2 ? "keep rows must be strictly increasing with -1 padding at the end"
-                                : "length + block_size exceeds the cache");
+  const int launch_error = launch_kv_compact(args, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(launch_error == 0, "kv_compact: CUDA launch failed: ", cuda_error_string(launch_error));
+  // The op's one host sync: the value checks ran on the device and a bad row must raise here. (Generation
+  // syncs every step anyway, to test whether all rows have finished.)
+  const at::Tensor verdict = status.narrow(0, 0, 2).cpu();
+  const int32_t error = verdict[0].item<int32_t>();
+  if (error != kOk) {
+    const int64_t row = verdict[1].item<int32_t>();
+    const at::Tensor keep_row = keep[row].cpu();
+    TORCH_CHECK_VALUE(false, "kv_compact: row ", row, ": ", describe(error), " (length ",
+                      lengths[row].item<int64_t>(), ", block_size ", block_size, ", ", args.slots, " slots, keep[",
+                      row, "] = ", row_string(keep_row.data_ptr<int64_t>(), keep_row.numel()), ")");
+  }
 }
 #endif
 

@@ -3,7 +3,8 @@
 It adds `model.mtp` (mask embeddings and sampler head), `model.mtp_config`, `model.mtp_gate` (the
 per-forward gate shared by every gated linear), wraps the target projections of every decoder layer in
 `GatedLoRALinear`, switches attention to the MTP-aware implementation and replaces `generate` with MTP
-decoding. The base model's weights are untouched and frozen; `unpatch(model)` restores it exactly.
+decoding and `forward` with one that also computes the MTP training loss (`forward(mtp_batch=...)`, see
+`training.mtp_forward`). The base model's weights are untouched and frozen; `unpatch(model)` restores it exactly.
 
 Mask tokens live outside the model's vocabulary: in the id tensors this package builds, mask i is
 `vocab_size + i`. `embed_tokens` embeds such ids; the gate of a forward is `ids >= vocab_size`.
@@ -102,16 +103,18 @@ def patch(model, config: MTPConfig | None = None, adapter: str | Path | None = N
     model._mtp_original_requires_grad = trainable
     model._mtp_original_attention = use_mtp_attention(model)
 
-    from mtp_model.decoding import mtp_generate  # decoding imports this module
+    from mtp_model.decoding import mtp_generate  # both import this module
+    from mtp_model.training import mtp_forward
 
     model.generate = types.MethodType(mtp_generate, model)
+    model.forward = types.MethodType(mtp_forward, model)
     if adapter is not None:
         adapter_io.load_weights(model, adapter)
     return model
 
 
 def unpatch(model):
-    """Restores the model `patch` changed: original linears, attention implementation and generate."""
+    """Restores the model `patch` changed: original linears, attention implementation, generate, forward."""
     if not is_patched(model):
         raise ValueError("this model is not patched")
     for path, original in model._mtp_original_modules.items():
@@ -122,7 +125,7 @@ def unpatch(model):
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(model._mtp_original_requires_grad[name])
     for name in ("mtp_config", "mtp_gate", "mtp_stats", "_mtp_original_modules", "_mtp_original_attention",
-                 "_mtp_original_requires_grad", "generate"):  # the class's generate shows through again
+                 "_mtp_original_requires_grad", "generate", "forward"):  # the class's methods show through again
         delattr(model, name)
     return model
 

@@ -139,6 +139,22 @@ def mtp_loss(model, batch: dict, weights: LossWeights = LossWeights()) -> tuple[
     return total, terms
 
 
+def mtp_forward(model, *args, mtp_batch: dict | None = None, loss_weights: LossWeights | None = None, **kwargs):
+    """A patched model's `forward`: the class's forward, or with `mtp_batch=` (a collated batch) the MTP
+    loss and its terms, `mtp_loss(model, mtp_batch, loss_weights)`.
+
+    The loss has to run inside the forward of whatever wraps the model: DistributedDataParallel arms its
+    gradient all-reduce in its forward and FSDP gathers parameters there, so a loss computed on the
+    unwrapped model would train each rank on its own gradients without a word.
+    """
+    if mtp_batch is None:
+        return type(model).forward(model, *args, **kwargs)
+    if args or kwargs:
+        raise TypeError(f"forward(mtp_batch=...) takes no other inputs, got {len(args)} positional and "
+                        f"{sorted(kwargs)}")
+    return mtp_loss(model, mtp_batch, loss_weights or LossWeights())
+
+
 @contextlib.contextmanager
 def _gate_as_it_was(model, gate):
     previous, model.mtp_gate.gate = model.mtp_gate.gate, gate
@@ -178,8 +194,7 @@ class MTPTrainer(Trainer):
         self._term_count = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        core = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
-        loss, terms = mtp_loss(core, inputs, self.loss_weights)
+        loss, terms = model(mtp_batch=inputs, loss_weights=self.loss_weights)  # through DDP / FSDP wrappers
         for name, value in terms.items():
             self._term_sums[name] = self._term_sums.get(name, 0.0) + value
         self._term_count += 1

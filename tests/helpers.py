@@ -58,6 +58,18 @@ def randomize_adapter(model, seed=0, std=0.1):
     return model
 
 
+def counting_examples(count, vocab_size, seed=0, length=14, prompt=4):
+    """Training examples of a highly regular task (counting up from a random start), the first `prompt`
+    tokens being the prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(count):
+        start = int(torch.randint(3, vocab_size, (1,), generator=generator))
+        ids = 3 + (start + torch.arange(length)) % (vocab_size - 3)
+        examples.append({"input_ids": ids, "loss_mask": torch.arange(length) >= prompt})
+    return examples
+
+
 def left_padded_prompts(lengths, vocab_size, seed=0, low=3):
     """[B, max(lengths)] ids and attention mask, each row's prompt right-aligned."""
     generator = torch.Generator().manual_seed(seed)

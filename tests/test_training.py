@@ -1,8 +1,13 @@
 """Training layout, losses and MTPTrainer: isolation of the base path, LCM pairing, learning end to end."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from helpers import randomize_adapter, stock_greedy, tiny_model
+from helpers import counting_examples, randomize_adapter, stock_greedy, tiny_model
+from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 import mtp_model
@@ -56,17 +61,6 @@ def test_consistency_pairing_equals_brute_force():
         assert target == expected
 
 
-def _examples(count, vocab_size, seed=0, length=14, prompt=4):
-    generator = torch.Generator().manual_seed(seed)
-    examples = []
-    for _ in range(count):
-        start = int(torch.randint(3, vocab_size, (1,), generator=generator))
-        ids = 3 + (start + torch.arange(length)) % (vocab_size - 3)  # counting: a highly regular task
-        loss_mask = torch.arange(length) >= prompt
-        examples.append({"input_ids": ids, "loss_mask": loss_mask})
-    return examples
-
-
 def test_regular_tokens_keep_the_base_model_outputs():
     model = tiny_model(seed=1)
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -94,7 +88,7 @@ def test_regular_tokens_keep_the_base_model_outputs():
 
 def test_loss_terms_and_gradients_reach_only_the_adapter():
     model = randomize_adapter(mtp_model.patch(tiny_model(seed=2), mtp_model.MTPConfig(num_masks=2, lora_rank=4)))
-    batch = MTPDataCollator(2, 96)(_examples(3, 96))
+    batch = MTPDataCollator(2, 96)(counting_examples(3, 96))
     loss, terms = mtp_loss(model, batch, LossWeights(consistency_reduction="sum"))
     assert set(terms) == {"loss_base", "loss_sampler", "loss_consistency"} and all(v > 0 for v in terms.values())
     loss.backward()
@@ -117,7 +111,7 @@ def _train(model, examples, tmp_path, steps, lr=5e-3, **kwargs):
 
 def test_loss_falls_and_logs_each_term(tmp_path):
     model = mtp_model.patch(tiny_model(seed=3, vocab_size=40), mtp_model.MTPConfig(num_masks=3, lora_rank=8))
-    examples = _examples(64, 40, seed=3)
+    examples = counting_examples(64, 40, seed=3)
     collator = MTPDataCollator(3, 40)
     _, before = mtp_loss(model, collator(examples[:16]))
     trainer = _train(model, examples, tmp_path, steps=40)
@@ -133,7 +127,7 @@ def test_loss_falls_and_logs_each_term(tmp_path):
 
 def test_checkpoint_holds_a_loadable_adapter(tmp_path):
     model = mtp_model.patch(tiny_model(seed=4, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
-    trainer = _train(model, _examples(16, 40, seed=4), tmp_path, steps=2)
+    trainer = _train(model, counting_examples(16, 40, seed=4), tmp_path, steps=2)
     trainer.save_model(str(tmp_path / "final"))
     fresh = mtp_model.patch(tiny_model(seed=4, vocab_size=40), adapter=tmp_path / "final")
     assert torch.equal(fresh.mtp.sampler.mlp[0].weight, model.mtp.sampler.mlp[0].weight)
@@ -144,7 +138,7 @@ def test_trained_adapter_reaches_several_tokens_per_step_losslessly(tmp_path):
     torch.manual_seed(0)
     vocab_size = 40
     model = tiny_model(seed=5, vocab_size=vocab_size, hidden_size=64, layers=2)
-    examples = _examples(256, vocab_size, seed=5, length=24, prompt=3)
+    examples = counting_examples(256, vocab_size, seed=5, length=24, prompt=3)
     # First teach the base model the task (a full fine-tune of the tiny base) ...
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(150):
@@ -158,7 +152,7 @@ def test_trained_adapter_reaches_several_tokens_per_step_losslessly(tmp_path):
     mtp_model.patch(model, mtp_model.MTPConfig(num_masks=4, lora_rank=16, lora_alpha=32))
     _train(model, examples, tmp_path, steps=200, lr=3e-3)
     model.eval()
-    prompts = torch.stack([e["input_ids"][:3] for e in _examples(4, vocab_size, seed=99, length=3, prompt=3)])
+    prompts = torch.stack([e["input_ids"][:3] for e in counting_examples(4, vocab_size, seed=99, length=3, prompt=3)])
     expected = stock_greedy(model, prompts, torch.ones_like(prompts), 40)
     out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=40)
     assert torch.equal(out, expected)
@@ -176,7 +170,7 @@ class _StopAt(TrainerCallback):
 
 
 def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
-    examples = _examples(32, 40, seed=6)
+    examples = counting_examples(32, 40, seed=6)
 
     def run(model, output_dir, **options):
         args = TrainingArguments(
@@ -209,7 +203,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         if checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
-        loss, _ = mtp_loss(model, MTPDataCollator(2, 40)(_examples(4, 40, seed=7)))
+        loss, _ = mtp_loss(model, MTPDataCollator(2, 40)(counting_examples(4, 40, seed=7)))
         loss.backward()
         return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
@@ -221,7 +215,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_flex_attention_block_mask_matches_the_dense_mask():
     pytest.importorskip("torch.nn.attention.flex_attention")
-    batch = MTPDataCollator(3, 40)(_examples(2, 40, seed=8, length=10, prompt=3))
+    batch = MTPDataCollator(3, 40)(counting_examples(2, 40, seed=8, length=10, prompt=3))
     losses = {}
     for implementation in ("sdpa", "flex_attention"):
         model = tiny_model(seed=8, vocab_size=40, attn_implementation=implementation)
@@ -230,3 +224,19 @@ def test_flex_attention_block_mask_matches_the_dense_mask():
             losses[implementation] = mtp_loss(model, batch)[1]
     for term, value in losses["sdpa"].items():
         assert abs(losses["flex_attention"][term] - value) < 1e-4, term
+
+
+@pytest.mark.slow
+def test_data_parallel_training_keeps_the_ranks_in_step(tmp_path):
+    """Two processes under torchrun (DDP over gloo on CPU) see different examples; identical adapters on
+    both ranks afterwards mean every step averaged the gradients across ranks."""
+    worker = Path(__file__).with_name("ddp_training_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+               str(tmp_path)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    initial, rank0, rank1 = (load_file(tmp_path / f"{name}.safetensors") for name in ("initial", "rank0", "rank1"))
+    assert rank0.keys() == rank1.keys() == initial.keys() and len(rank0) > 0
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(rank0[name], initial[name]) for name in rank0)

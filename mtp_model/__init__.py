@@ -4,9 +4,9 @@
     out = model.generate(**inputs, max_new_tokens=256)  # stock greedy's tokens in fewer forward passes
 """
 
-from mtp_model.adapter import save_adapter
+from mtp_model.adapter import save_adapter, set_generation_defaults
 from mtp_model.config import MTPConfig
 from mtp_model.modules import GatedLoRALinear, SamplerHead
 from mtp_model.patch import patch, unpatch
 
-__all__ = ["GatedLoRALinear", "MTPConfig", "SamplerHead", "patch", "save_adapter", "unpatch"]
+__all__ = ["GatedLoRALinear", "MTPConfig", "SamplerHead", "patch", "save_adapter", "set_generation_defaults", "unpatch"]

@@ -70,6 +70,11 @@ def _shipped_demo(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     mtp_model.patch(model, adapter=args.model_dir / "adapter")
+    config = model.mtp_config
+    # The adapter's own defaults unless told otherwise: `mtp eval --save-fastest` set them to what ran
+    # fastest on a 2-core CPU, which need not be all k masks.
+    args.num_masks = args.num_masks or config.generate_num_masks or config.num_masks
+    args.decoding = args.decoding or config.decoding
     records = [json.loads(line) for line in (args.model_dir / "heldout.jsonl").read_text().splitlines()]
     chosen = {}
     for record in records:  # the first prompts of each domain
@@ -122,7 +127,7 @@ def _random_demo(args) -> int:
     input_ids, attention_mask = _left_padded(prompts, model.config.pad_token_id)
     with torch.inference_mode():
         stock, stock_seconds = _timed_generate(model.generate, input_ids, attention_mask, args.max_new_tokens)
-        mtp_model.patch(model, mtp_model.MTPConfig(num_masks=args.num_masks, lora_rank=8))
+        mtp_model.patch(model, mtp_model.MTPConfig(num_masks=args.num_masks, lora_rank=8, decoding=args.decoding))
         for module in model.modules():  # a random, non-zero adapter so the mask path differs from the base
             if isinstance(module, mtp_model.GatedLoRALinear):
                 torch.nn.init.normal_(module.lora_B.weight, std=0.02, generator=generator)
@@ -142,16 +147,18 @@ def _random_demo(args) -> int:
 def demo(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mtp demo", description=__doc__)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--num-masks", type=int, default=None, help="default: 8 (shipped model) or 4")
-    parser.add_argument("--decoding", choices=["quadratic", "linear"], default="quadratic")
+    parser.add_argument("--num-masks", type=int, default=None,
+                        help="default: the shipped adapter's generate default, or 4 with random weights")
+    parser.add_argument("--decoding", choices=["quadratic", "linear"], default=None,
+                        help="default: the shipped adapter's, or quadratic")
     parser.add_argument("--per-domain", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", type=Path, default=DEMO_MODEL_DIR, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if (args.model_dir / "adapter" / "adapter_config.json").is_file():
-        args.num_masks = args.num_masks or 8
         return _shipped_demo(args)
     args.num_masks = args.num_masks or 4
+    args.decoding = args.decoding or "quadratic"
     return _random_demo(args)
 
 

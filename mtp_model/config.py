@@ -18,6 +18,9 @@ class MTPConfig:
     num_masks: k, the number of mask tokens (drafts per step). lora_rank / lora_alpha: gated LoRA on
     `target_modules` of every decoder layer, scaled by alpha / rank as in peft. decoding: the default
     `generate` mode ("quadratic": a mask block after every draft; "linear": one block at the end).
+    generate_num_masks: masks per step `generate` uses by default, 1..num_masks (None: num_masks); on a
+    machine where a verify step over many tokens costs much more than a plain one, fewer masks can be
+    faster. `mtp eval --save-fastest` sets it and `decoding` to the fastest configuration it measured.
     use_sampler: draft with the sampler head (False: plain LM head on the mask states, the ablation).
     """
 
@@ -26,6 +29,7 @@ class MTPConfig:
     lora_alpha: float = 32.0
     target_modules: tuple[str, ...] = ALL_PROJECTIONS
     decoding: str = "quadratic"
+    generate_num_masks: int | None = None
     use_sampler: bool = True
     mask_init_std: float | None = None  # None: the std of the model's input embeddings
     # Filled by `patch` from the model, checked when an adapter is loaded into another model.
@@ -37,6 +41,9 @@ class MTPConfig:
             raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.generate_num_masks is not None and not 1 <= self.generate_num_masks <= self.num_masks:
+            raise ValueError(f"generate_num_masks must be between 1 and num_masks={self.num_masks}, "
+                             f"got {self.generate_num_masks}")
         if self.decoding not in DECODING_MODES:
             raise ValueError(f"decoding must be one of {DECODING_MODES}, got {self.decoding!r}")
         unknown = set(self.target_modules) - set(ALL_PROJECTIONS)

@@ -90,7 +90,7 @@ def mtp_generate(
 ):
     """`model.generate` of a patched model. Takes stock generate's arguments plus:
 
-    num_masks: drafts per step, 1..the adapter's k (default k). decoding: "quadratic" or "linear" (default
+    num_masks: drafts per step, 1..the adapter's k (default: the config's generate_num_masks, else k). decoding: "quadratic" or "linear" (default
     from the config). use_sampler: False drafts with the plain LM head on the mask states (ablation).
     max_steps: stop after this many forward passes (the paper's evaluation uses 100). generator: the
     torch.Generator for sampling.
@@ -112,7 +112,8 @@ def mtp_generate(
         )
 
     mtp_config = model.mtp_config
-    num_masks = mtp_config.num_masks if num_masks is None else num_masks
+    if num_masks is None:
+        num_masks = mtp_config.generate_num_masks or mtp_config.num_masks
     if not 1 <= num_masks <= mtp_config.num_masks:
         raise ValueError(f"num_masks must be between 1 and the adapter's {mtp_config.num_masks}, got {num_masks}")
     input_ids, attention_mask = _check_prompt(model, input_ids, attention_mask)
@@ -252,7 +253,7 @@ class _Decoder:
         B, P = input_ids.shape
         k, T, device = self.k, self.layout.size, self.device
         output = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        stats = _Stats(k)
+        stats = _Stats(k, self.mode)
         if max_new_tokens == 0:
             return input_ids, stats.summary()
         if streamer is not None:
@@ -328,7 +329,8 @@ class _Decoder:
 class _Stats:
     """Steps, tokens and the histogram of tokens per step, counted for the rows still generating."""
 
-    def __init__(self, num_masks: int):
+    def __init__(self, num_masks: int, mode: str):
+        self.num_masks, self.mode = num_masks, mode
         self.steps = 0
         self.row_steps = 0
         self.tokens = 0
@@ -343,6 +345,8 @@ class _Stats:
 
     def summary(self, cache_lengths: torch.Tensor | None = None) -> dict:
         return {
+            "num_masks": self.num_masks,
+            "decoding": self.mode,
             "steps": self.steps,
             "tokens": self.tokens,
             "tokens_per_step": self.tokens / max(self.row_steps, 1),

@@ -76,28 +76,22 @@ def evaluate(model, tokenizer, prompts, max_steps: int = 100, max_masks: int | N
 
 
 def _summarise(configs, tokens, steps, seconds, domains, identical, max_steps) -> dict:
-    def tokens_per_step(key):
-        return tokens[key] / max(steps[key], 1)
+    def total(counter, domain, *config):  # domain None: every domain together
+        return sum(value for key, value in counter.items() if key[1:] == config and domain in (None, key[0]))
 
-    def tokens_per_second(key):
-        return tokens[key] / max(seconds[key], 1e-9)
+    def summary(domain):
+        stock_speed = total(tokens, domain, "stock") / max(total(seconds, domain, "stock"), 1e-9)
+        rows = []
+        for config in configs:
+            speed = total(tokens, domain, *config) / max(total(seconds, domain, *config), 1e-9)
+            rows.append({"num_masks": config[0], "decoding": config[1], "sampler": config[2],
+                         "tokens_per_step": round(total(tokens, domain, *config) / max(total(steps, domain, *config), 1), 3),
+                         "tokens_per_second": round(speed, 1), "speedup": round(speed / stock_speed, 3)})
+        return {"stock_tokens_per_second": round(stock_speed, 1), "runs": rows,
+                "fastest": max(rows, key=lambda r: r["tokens_per_second"])}
 
-    results = {"max_steps": max_steps, "identical_to_stock_greedy": identical, "domains": {}}
-    for domain in domains:
-        stock_speed = tokens_per_second((domain, "stock"))
-        rows = [
-            {"num_masks": j, "decoding": mode, "sampler": sampler,
-             "tokens_per_step": round(tokens_per_step((domain, j, mode, sampler)), 3),
-             "tokens_per_second": round(tokens_per_second((domain, j, mode, sampler)), 1),
-             "speedup": round(tokens_per_second((domain, j, mode, sampler)) / stock_speed, 3)}
-            for j, mode, sampler in configs
-        ]
-        results["domains"][domain] = {
-            "stock_tokens_per_second": round(stock_speed, 1),
-            "runs": rows,
-            "fastest": max(rows, key=lambda r: r["tokens_per_second"]),
-        }
-    return results
+    return {"max_steps": max_steps, "identical_to_stock_greedy": identical,
+            "domains": {domain: summary(domain) for domain in domains}, "overall": summary(None)}
 
 
 def format_table(results: dict) -> str:
@@ -116,6 +110,9 @@ def format_table(results: dict) -> str:
         fastest = result["fastest"]
         lines.append(f"  stock greedy {result['stock_tokens_per_second']:.1f} tokens/s; fastest here: "
                      f"{fastest['num_masks']} masks, {fastest['decoding']}, x{fastest['speedup']:.2f}")
+    fastest = results["overall"]["fastest"]
+    lines.append(f"all domains: fastest here {fastest['num_masks']} masks, {fastest['decoding']}, "
+                 f"{fastest['tokens_per_step']:.2f} tokens/step, x{fastest['speedup']:.2f} vs stock greedy")
     lines.append(f"identical to stock greedy: {results['identical_to_stock_greedy']}")
     return "\n".join(lines)
 
@@ -157,6 +154,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chart", default=None, help="PNG path (default: next to --out)")
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--save-fastest", action="store_true",
+                        help="make the fastest configuration over all domains (with the sampler) the adapter's "
+                             "generate default")
     args = parser.parse_args(argv)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -167,4 +167,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     chart = Path(args.chart or Path(args.out).with_suffix(".png"))
     print(f"results: {args.out}" + (f", chart: {chart}" if draw_chart(results, chart) else " (no matplotlib: no chart)"))
+    if args.save_fastest and results["identical_to_stock_greedy"]:
+        best = max((r for r in results["overall"]["runs"] if r["sampler"]), key=lambda r: r["tokens_per_second"])
+        mtp_model.set_generation_defaults(args.adapter, best["num_masks"], best["decoding"])
+        print(f"{args.adapter}: generate now defaults to {best['num_masks']} masks, {best['decoding']}")
     return 0 if results["identical_to_stock_greedy"] else 1

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from helpers import randomize_adapter, tiny_model
 from test_train_cli import WORDS, tiny_tokenizer
@@ -26,7 +27,7 @@ def test_eval_command_writes_table_json_and_chart(tmp_path, capsys):
     ]) + "\n")
     out = tmp_path / "results.json"
     assert main(["eval", "--model", str(model_dir), "--adapter", str(adapter_dir), "--prompts", str(prompts),
-                 "--out", str(out), "--max-steps", "6"]) == 0
+                 "--out", str(out), "--max-steps", "6", "--save-fastest"]) == 0
     results = json.loads(out.read_text())
     assert results["identical_to_stock_greedy"] is True
     assert set(results["domains"]) == {"code", "math"}
@@ -36,6 +37,13 @@ def test_eval_command_writes_table_json_and_chart(tmp_path, capsys):
         ("quadratic", True), ("linear", True), ("quadratic", False), ("linear", False)}
     assert all(1.0 <= r["tokens_per_step"] <= r["num_masks"] + 1 for r in runs)
     assert (tmp_path / "results.png").stat().st_size > 0
+    # Every domain together, and the fastest of those with the sampler made the adapter's generate default.
+    overall = results["overall"]["runs"]
+    assert len(overall) == len(runs)
+    best = max((r for r in overall if r["sampler"]), key=lambda r: r["tokens_per_second"])
+    saved = mtp_model.adapter.load_config(adapter_dir)
+    assert (saved.generate_num_masks, saved.decoding) == (best["num_masks"], best["decoding"])
+    assert saved.num_masks == 3
     assert "tokens per step by number of masks" in capsys.readouterr().out
 
 
@@ -52,3 +60,14 @@ def test_prompt_file_errors_name_the_line(tmp_path):
     path.write_text('{"prompt": "w1"}\n{"domain": "x"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:2"):
         read_prompts(path)
+
+
+def test_generate_uses_the_adapters_default_masks():
+    model = randomize_adapter(mtp_model.patch(tiny_model(vocab_size=len(WORDS)),
+                                              mtp_model.MTPConfig(num_masks=3, lora_rank=4, generate_num_masks=1)))
+    ids = torch.tensor([[3, 4, 5]])
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12)
+    assert model.mtp_stats["num_masks"] == 1
+    assert max(model.mtp_stats["tokens_per_step_histogram"]) <= 2
+    with pytest.raises(ValueError, match="generate_num_masks"):
+        mtp_model.MTPConfig(num_masks=3, generate_num_masks=4)

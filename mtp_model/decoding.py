@@ -282,8 +282,12 @@ class _Decoder:
 
         regular = self.layout.regular
         while not bool(finished.all()) and (max_steps is None or stats.steps < max_steps):
+            # A row without drafts (linear decoding after a rejection) puts the k masks in its draft slots:
+            # they sit at the masks' positions and see what a mask block after the anchor sees, so this step
+            # gives it one verified token and k fresh drafts (the paper's "verified + k masks" step).
+            no_drafts = drafts[:, :1] < 0
             ids = self.step_template.expand(B, T).clone()
-            ids[:, regular] = torch.cat([anchor[:, None], drafts.clamp(min=0)], dim=1)
+            ids[:, regular] = torch.cat([anchor[:, None], torch.where(no_drafts, self.mask_ids, drafts)], dim=1)
             positions = anchor_position[:, None] + self.layout.position_offset
             hidden = self.forward(ids, positions, cache, self.layout.block_mask)
 
@@ -294,11 +298,12 @@ class _Decoder:
             cache.keep(keep.masked_fill(finished[:, None], -1), T)
 
             mask_rows = self.layout.masks[accepted]  # [B, k], -1 where the last accepted has no block
+            mask_rows = torch.where(no_drafts, regular[1:], mask_rows)
             mask_hidden = hidden.gather(1, mask_rows.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
             finished = self.emit(emitted, accepted + 1, output, generated, finished, eos, max_new_tokens, stats,
                                  streamer)
             anchor, anchor_position = bonus, anchor_position + accepted + 1
-            # Linear decoding has fresh drafts only after a full acceptance; -1 marks "no draft".
+            # Linear decoding has a mask block only after the last draft: after a rejection -1 marks "no draft".
             drafts = self.draft(bonus, mask_hidden).masked_fill(mask_rows[:, :1] < 0, -1)
 
         if streamer is not None:

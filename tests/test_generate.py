@@ -49,8 +49,9 @@ def test_batch_of_one_and_fewer_masks_than_trained():
         assert torch.equal(out, expected)
 
 
-def _oracle(monkeypatch, continuation, num_masks):
-    """Makes every draft the stock continuation: what a perfect adapter would propose (batch 1)."""
+def _oracle(monkeypatch, continuation, num_masks, last_wrong=False):
+    """Makes every draft the stock continuation: what a perfect adapter would propose (batch 1). With
+    `last_wrong`, each step's last draft is off by one token id, so exactly num_masks - 1 can be accepted."""
     emitted = {"count": 0}
     original_emit = decoding._Decoder.emit
 
@@ -62,7 +63,10 @@ def _oracle(monkeypatch, continuation, num_masks):
     def draft(self, seed_tokens, mask_hidden):
         start = emitted["count"]
         upcoming = continuation[start : start + num_masks].tolist()
-        return torch.tensor([upcoming + [0] * (num_masks - len(upcoming))])
+        upcoming += [0] * (num_masks - len(upcoming))
+        if last_wrong:
+            upcoming[-1] = (upcoming[-1] + 1) % self.vocab_size
+        return torch.tensor([upcoming])
 
     monkeypatch.setattr(decoding._Decoder, "emit", emit)
     monkeypatch.setattr(decoding._Decoder, "draft", draft)
@@ -81,6 +85,24 @@ def test_perfect_drafts_give_k_plus_one_tokens_per_step(monkeypatch, mode, num_m
     assert torch.equal(out, expected)
     assert model.mtp_stats["tokens_per_step_histogram"] == {1: 1, num_masks + 1: steps}
     assert model.mtp_stats["steps"] == 1 + steps
+
+
+@pytest.mark.parametrize("mode", ["quadratic", "linear"])
+def test_after_a_rejection_the_next_drafts_follow_the_last_accepted_token(monkeypatch, mode):
+    num_masks, rounds = 3, 4
+    model = patched(num_masks=num_masks, seed=5)
+    ids, mask = left_padded_prompts([4], model.config.vocab_size, seed=5)
+    # Quadratic: every step accepts k - 1 drafts and has a mask block after the last accepted one, so the
+    # next step has drafts again. Linear: the only mask block follows the rejected draft, so a step with k
+    # masks after the accepted token (1 token, fresh drafts) comes between the steps that accept k - 1.
+    tokens_per_round = num_masks if mode == "quadratic" else num_masks + 1
+    max_new_tokens = 1 + rounds * tokens_per_round
+    expected = stock_greedy(model, ids, mask, max_new_tokens)
+    _oracle(monkeypatch, expected[0, ids.shape[1] :], num_masks, last_wrong=True)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, decoding=mode)
+    assert torch.equal(out, expected)
+    histogram = model.mtp_stats["tokens_per_step_histogram"]
+    assert histogram == ({1: 1, num_masks: rounds} if mode == "quadratic" else {1: 1 + rounds, num_masks: rounds})
 
 
 def test_stops_at_eos_inside_an_accepted_run(monkeypatch):

@@ -38,12 +38,15 @@ def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate):
     if rows.numel() == 0:
         return out
     wide = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-    x2d = x.reshape(-1, x.shape[-1])
-    shrunk = x2d.index_select(0, rows).to(wide) @ lora_a.to(wide).t()
-    delta = (shrunk @ lora_b.to(wide).t()) * scaling
-    out2d = out.reshape(-1, out.shape[-1])
-    updated = out2d.index_select(0, rows).to(wide) + delta
-    return out2d.index_copy(0, rows, updated.to(out.dtype)).reshape(out.shape)
+    gathered = x.reshape(-1, x.shape[-1]).index_select(0, rows).to(wide)
+    delta = F.linear(F.linear(gathered, lora_a.to(wide)), lora_b.to(wide)) * scaling
+    # In place on the fresh output (its autograd node does not need it): no copy of the ungated rows.
+    out2d = out.view(-1, out.shape[-1])
+    if out.dtype == wide:
+        out2d.index_add_(0, rows, delta)
+    else:  # add in the wide type, round once
+        out2d.index_copy_(0, rows, (out2d.index_select(0, rows).to(wide) + delta).to(out.dtype))
+    return out
 
 
 # --- tree attention ------------------------------------------------------------------------------------

@@ -161,9 +161,12 @@ def _block_sizes(rows: int, head_dim: int, on_cuda: bool) -> tuple[int, int, int
 def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
     _check_inputs(q, k, v, lengths, block_mask, starts)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not backend.use_triton(q):
-        return reference.tree_attention(q, k, v, lengths, block_mask, scale, starts)
     B, Hq, T, D = q.shape
+    if not backend.use_triton(q):
+        # Slots past the longest row's block are never visible: the reference (dense over the slots it
+        # is given) then costs what the rows hold, not what the cache was sized for.
+        live = int(lengths.max()) + T if B else 0
+        return reference.tree_attention(q, k[:, :, :live], v[:, :, :live], lengths, block_mask, scale, starts)
     Hkv = k.shape[1]
     group = Hq // Hkv
     starts = torch.zeros_like(lengths) if starts is None else starts

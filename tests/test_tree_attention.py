@@ -36,11 +36,12 @@ def sdpa_same_dtype(q, k, v, lengths, block_mask, starts):
 
 
 def check_close(out, q, k, v, lengths, block_mask, starts):
-    """Error vs a float64 reference within 2x the error of torch's SDPA in the same dtype, plus one unit of
-    rounding at the output's scale (both round once to the output dtype, on either side of the truth)."""
+    """Error vs a float64 reference within 2x the error of torch's SDPA in the same dtype, plus a few units
+    of rounding at the output's scale: the online softmax rescales its accumulator once per key tile and
+    each rescale rounds, while SDPA's own error (the baseline) depends on the CPU's thread count."""
     exact = reference.tree_attention(q.double(), k.double(), v.double(), lengths, block_mask, None, starts)
     baseline = sdpa_same_dtype(q, k, v, lengths, block_mask, starts).double()
-    atol = torch.finfo(q.dtype).eps * max(exact.abs().max().item(), 1.0)
+    atol = 4 * torch.finfo(q.dtype).eps * max(exact.abs().max().item(), 1.0)
     budget = 2 * (baseline - exact).abs().max().item() + atol
     error = (out.double() - exact).abs().max().item()
     assert error <= budget, f"max error {error:.3g} > {budget:.3g}"

@@ -39,13 +39,13 @@ def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate):
         return out
     wide = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     gathered = x.reshape(-1, x.shape[-1]).index_select(0, rows).to(wide)
-    delta = F.linear(F.linear(gathered, lora_a.to(wide)), lora_b.to(wide)) * scaling
+    lora = F.linear(F.linear(gathered, lora_a.to(wide)), lora_b.to(wide))
     # In place on the fresh output (its autograd node does not need it): no copy of the ungated rows.
     out2d = out.view(-1, out.shape[-1])
     if out.dtype == wide:
-        out2d.index_add_(0, rows, delta)
+        out2d.index_add_(0, rows, lora, alpha=scaling)
     else:  # add in the wide type, round once
-        out2d.index_copy_(0, rows, (out2d.index_select(0, rows).to(wide) + delta).to(out.dtype))
+        out2d.index_copy_(0, rows, (out2d.index_select(0, rows).to(wide) + lora * scaling).to(out.dtype))
     return out
 
 

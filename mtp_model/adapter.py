@@ -70,11 +70,10 @@ def load_config(path: str | Path) -> MTPConfig:
 def set_generation_defaults(path: str | Path, num_masks: int, decoding: str) -> MTPConfig:
     """Rewrites the masks per step and the decoding mode that `generate` uses by default with the adapter
     at `path` (the weights are untouched), e.g. to the fastest configuration `mtp eval` measured."""
-    config_file = Path(path) / CONFIG_FILE
-    data = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    config = load_config(path)
+    config = load_config(path)  # refuses a directory that holds no MTP adapter
     config = MTPConfig.from_dict(config.to_dict() | {"generate_num_masks": num_masks, "decoding": decoding})
-    data["mtp"] = config.to_dict()
+    config_file = Path(path) / CONFIG_FILE
+    data = json.loads(config_file.read_text()) | {"mtp": config.to_dict()}
     config_file.write_text(json.dumps(data, indent=2) + "\n")
     return config
 

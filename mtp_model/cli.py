@@ -70,11 +70,8 @@ def _shipped_demo(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     mtp_model.patch(model, adapter=args.model_dir / "adapter")
-    config = model.mtp_config
-    # The adapter's own defaults unless told otherwise: `mtp eval --save-fastest` set them to what ran
-    # fastest on a 2-core CPU, which need not be all k masks.
-    args.num_masks = args.num_masks or config.generate_num_masks or config.num_masks
-    args.decoding = args.decoding or config.decoding
+    # Unless told otherwise, generate uses the adapter's defaults: `mtp eval --save-fastest` set them to
+    # what ran fastest on a 2-core CPU, which need not be all k masks.
     records = [json.loads(line) for line in (args.model_dir / "heldout.jsonl").read_text().splitlines()]
     chosen = {}
     for record in records:  # the first prompts of each domain
@@ -109,7 +106,7 @@ def _shipped_demo(args) -> int:
     mtp_speed = totals["mtp"][0] / totals["mtp"][1]
     print(f"identical to stock greedy: {identical}")
     print(f"stock greedy: 1.00 tokens/step, {stock_speed:7.1f} tokens/s")
-    print(f"MTP ({args.num_masks} masks, {args.decoding}): {totals['mtp'][0] / totals['mtp'][2]:.2f} tokens/step, "
+    print(f"MTP ({model.mtp_stats['num_masks']} masks, {model.mtp_stats['decoding']}): {totals['mtp'][0] / totals['mtp'][2]:.2f} tokens/step, "
           f"{mtp_speed:7.1f} tokens/s, speed-up x{mtp_speed / stock_speed:.2f}")
     return 0 if identical else 1
 

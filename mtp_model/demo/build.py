@@ -107,6 +107,7 @@ def train_adapter(out: Path, tokenizer, model, steps: int, per_domain: int = 800
     pairs = [pair for domain_pairs in corpus.prompt_pairs("train", per_domain).values() for pair in domain_pairs]
     pairs = self_distill(model, tokenizer, pairs, max_new_tokens=96, batch_size=32)
     examples = tokenize_pairs(tokenizer, pairs, max_length=160)
+    model.config._name_or_path = "mtp_model/demo_model"  # not the builder's absolute path, into the adapter
     mtp_model.patch(model, mtp_model.MTPConfig(num_masks=NUM_MASKS, lora_rank=16, lora_alpha=32))
     with tempfile.TemporaryDirectory(prefix="mtp_demo_adapter_") as scratch:  # Trainer wants one; saves nothing
         args = TrainingArguments(

@@ -4,7 +4,7 @@ Every public op asks `use_triton(tensor)` once per call:
 
 - CUDA tensor: the compiled Triton kernel (if Triton can drive the GPU; otherwise the torch reference
   with one warning).
-- CPU tensor: the torch reference (`mtp_kernels.reference`, fast on CPU), unless `MTP_KERNELS=interpret`,
+- CPU tensor: the torch path (`mtp_kernels.reference`; SDPA for tree attention), unless `MTP_KERNELS=interpret`,
   which runs the same Triton kernels through Triton's interpreter so they can be checked without a GPU.
 - `MTP_KERNELS=reference` forces the torch reference everywhere.
 

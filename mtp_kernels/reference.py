@@ -1,4 +1,5 @@
-"""Pure-torch reference implementations of every op: the test oracle and the fast path on CPU.
+"""Pure-torch reference implementations of every op: the test oracle, and the CPU path of every op but
+tree attention (which runs torch's SDPA on CPU).
 
 Each function has the same name and signature as the public op in `mtp_kernels` and defines its meaning;
 the Triton kernels and the C++/CUDA extension must agree with it. Inputs are assumed valid here: the
@@ -29,24 +30,23 @@ import torch.nn.functional as F
 def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate):
     """`x W^T + b`, plus `scaling * (x A^T) B^T` on the rows whose gate is set.
 
-    Rows with gate 0 are exactly `F.linear(x, weight, bias)`: the LoRA term is computed on the gathered
-    gated rows only (in fp32, fp64 for fp64 inputs) and added into theirs, so its cost follows the number of gated rows.
+    Rows with gate 0 are exactly `F.linear(x, weight, bias)`: their LoRA activations are zeroed before the
+    B product, and adding exact zeros changes nothing. The LoRA term is computed in fp32 (fp64 for fp64
+    inputs); a narrower output is lifted to fp32, the term added and the sum rounded once. Dense over all
+    rows rather than gathering the gated ones: on CPU a gather and a scatter per linear cost more than the
+    skipped rows' rank-r products (at most 2r / min(in, out) of the base product).
     Differentiable with respect to x, lora_a and lora_b.
     """
     out = F.linear(x, weight, bias)
-    rows = gate.reshape(-1).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return out
     wide = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-    gathered = x.reshape(-1, x.shape[-1]).index_select(0, rows).to(wide)
-    lora = F.linear(F.linear(gathered, lora_a.to(wide)), lora_b.to(wide))
-    # In place on the fresh output (its autograd node does not need it): no copy of the ungated rows.
-    out2d = out.view(-1, out.shape[-1])
+    lora_hidden = F.linear(x.reshape(-1, x.shape[-1]).to(wide), lora_a.to(wide)) * gate.reshape(-1, 1)
+    lora_b_t = lora_b.to(wide).t()
     if out.dtype == wide:
-        out2d.index_add_(0, rows, lora, alpha=scaling)
-    else:  # add in the wide type, round once
-        out2d.index_copy_(0, rows, (out2d.index_select(0, rows).to(wide) + lora * scaling).to(out.dtype))
-    return out
+        # In place on the fresh output (its autograd node does not need it): no copy.
+        out.view(-1, out.shape[-1]).addmm_(lora_hidden, lora_b_t, alpha=scaling)
+        return out
+    summed = torch.addmm(out.reshape(-1, out.shape[-1]).to(wide), lora_hidden, lora_b_t, alpha=scaling)
+    return summed.to(out.dtype).view_as(out)
 
 
 # --- tree attention ------------------------------------------------------------------------------------
@@ -73,18 +73,19 @@ def tree_attention_allowed(lengths, block_mask, num_slots, starts=None):
 def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
     """Attention of T new queries over each row's cached prefix plus the new block under `block_mask`.
 
-    Computed in fp32 with grouped-query heads (query head h reads KV head h // (Hq // Hkv)). A query that
-    may see nothing gets a zero output.
+    Computed in fp32 (fp64 for fp64 inputs) with grouped-query heads (query head h reads KV head
+    h // (Hq // Hkv)). A query that may see nothing gets a zero output.
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
+    wide = torch.promote_types(q.dtype, torch.float32)
     allowed = tree_attention_allowed(lengths, block_mask, S, starts)  # [B, T, S]
-    qf = q.float().reshape(B, Hkv, Hq // Hkv, T, D)
-    scores = torch.einsum("bhgtd,bhsd->bhgts", qf, k.float()) * scale
+    qf = q.to(wide).reshape(B, Hkv, Hq // Hkv, T, D)
+    scores = torch.einsum("bhgtd,bhsd->bhgts", qf, k.to(wide)) * scale
     scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with nothing visible give 0
-    out = torch.einsum("bhgts,bhsd->bhgtd", probs, v.float())
+    out = torch.einsum("bhgts,bhsd->bhgtd", probs, v.to(wide))
     return out.reshape(B, Hq, T, D).to(q.dtype)
 
 

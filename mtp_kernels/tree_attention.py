@@ -11,11 +11,16 @@ rows of a tile, so each K/V tile is loaded once per group rather than once per q
 takes BLOCK_M (query, head) rows of one (batch row, KV head): first the row's prefix, where only the
 bounds mask applies, then the T block keys under `block_mask`. Per-row lengths are read on the device,
 so rows of any lengths share one launch with no host sync.
+
+CPU (outside the interpreter): torch's SDPA over the live slots with a materialised [B, T, S] mask, built
+once per forward and shared by its layers (`_VisibilityMemo`); `reference.tree_attention` stays the
+definition the tests hold both paths to.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mtp_kernels import backend, reference
 from mtp_kernels.checks import FLOAT_DTYPES, check_same_dtype, check_tensor
@@ -150,6 +155,55 @@ def _check_inputs(q, k, v, lengths, block_mask, starts):
         raise ValueError(f"lengths + T = {int(lengths.max()) + T} exceeds the cache's {k.shape[2]} slots")
 
 
+class _VisibilityMemo:
+    """The last call's visibility mask, reused while the lengths, block mask and starts hold the same values.
+
+    Every attention layer of one forward passes the same three tensors, so the [B, T, S] mask is built
+    once per forward rather than once per layer. The memo compares values, not identities or version
+    counters: `kv_compact` advances the lengths in place through a compiled op, which bumps no version.
+    Comparing [B] and [T, T] tensors costs nothing next to the mask, on the CPU where this path runs. The
+    entry is one tuple, swapped atomically, so threads never see a torn entry.
+    """
+
+    def __init__(self):
+        self._entry = None
+
+    def get(self, lengths, block_mask, starts):
+        inputs = (lengths, block_mask, starts)
+        entry = self._entry
+        if entry is not None and all(_same(a, b) for a, b in zip(entry[0], inputs)):
+            return entry[1], entry[2]
+        live = int(lengths.max()) + block_mask.shape[0] if lengths.numel() else 0
+        visible = reference.tree_attention_allowed(lengths, block_mask, live, starts)
+        self._entry = (tuple(None if t is None else t.clone() for t in inputs), live, visible)
+        return live, visible
+
+
+def _same(kept, given) -> bool:
+    if kept is None or given is None:
+        return kept is given
+    return kept.device == given.device and torch.equal(kept, given)
+
+
+_visibility = _VisibilityMemo()
+
+
+def _dense_attention(q, k, v, lengths, block_mask, scale, starts):
+    """The CPU path: SDPA with a materialised mask over the live slots, in fp32 (fp64 for fp64 inputs).
+
+    Slots past the longest row's block are never visible, so only [0, max(lengths) + T) is read: the cost
+    follows what the rows hold, not what the cache was sized for. SDPA gives a query that sees nothing a
+    zero output, as the op requires.
+    """
+    live, visible = _visibility.get(lengths, block_mask, starts)
+    wide = torch.promote_types(q.dtype, torch.float32)
+    out = F.scaled_dot_product_attention(
+        q.to(wide), k[:, :, :live].to(wide), v[:, :, :live].to(wide), attn_mask=visible[:, None], scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.to(q.dtype)
+
+
 def _block_sizes(rows: int, head_dim: int, on_cuda: bool) -> tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(head_dim))
     if not on_cuda:  # the interpreter's cost is per program and per op: few, large tiles
@@ -163,10 +217,7 @@ def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     B, Hq, T, D = q.shape
     if not backend.use_triton(q):
-        # Slots past the longest row's block are never visible: the reference (dense over the slots it
-        # is given) then costs what the rows hold, not what the cache was sized for.
-        live = int(lengths.max()) + T if B else 0
-        return reference.tree_attention(q, k[:, :, :live], v[:, :, :live], lengths, block_mask, scale, starts)
+        return _dense_attention(q, k, v, lengths, block_mask, scale, starts)
     Hkv = k.shape[1]
     group = Hq // Hkv
     starts = torch.zeros_like(lengths) if starts is None else starts

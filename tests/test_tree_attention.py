@@ -81,6 +81,29 @@ def test_query_that_sees_nothing_gives_zeros(kernel_mode):
     check_close(out, q, k, v, lengths, block_mask, starts)
 
 
+def test_cpu_path_rebuilds_its_mask_when_the_inputs_change(monkeypatch):
+    """The CPU path builds the visibility mask once for all layers of a forward; lengths advanced in place
+    by kv_compact (a compiled op: no version bump), other lengths or another block mask each need a fresh
+    one."""
+    monkeypatch.setenv("MTP_KERNELS", "reference")
+    q, k, v, lengths, starts = random_inputs(2, 4, 2, 9, 64, 40, torch.float32, seed=5)
+    lengths = torch.tensor([3, 20])
+    block_mask = quadratic_mask(2)
+    for _ in range(2):  # the second call reuses the mask
+        check_close(mtp_kernels.tree_attention(q, k, v, lengths, block_mask, None, starts), q, k, v, lengths,
+                    block_mask, starts)
+    mtp_kernels.kv_compact([k, v], lengths, torch.tensor([[0, 2, 4, -1], [1, -1, -1, -1]]), 9)
+    assert lengths.tolist() == [6, 21]
+    check_close(mtp_kernels.tree_attention(q, k, v, lengths, block_mask, None, starts), q, k, v, lengths,
+                block_mask, starts)
+    other_lengths = torch.tensor([0, 25])
+    check_close(mtp_kernels.tree_attention(q, k, v, other_lengths, block_mask, None, starts), q, k, v,
+                other_lengths, block_mask, starts)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    check_close(mtp_kernels.tree_attention(q, k, v, other_lengths, causal, None, starts), q, k, v, other_lengths,
+                causal, starts)
+
+
 def test_reference_matches_sdpa_with_a_materialised_mask():
     q, k, v, lengths, starts = random_inputs(3, 8, 2, 16, 64, 40, torch.float32, seed=3)
     block_mask = quadratic_mask(3)

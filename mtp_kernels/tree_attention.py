@@ -10,7 +10,9 @@ Kernel: flash attention (online softmax in fp32) with the query heads of one KV 
 rows of a tile, so each K/V tile is loaded once per group rather than once per query head. Each program
 takes BLOCK_M (query, head) rows of one (batch row, KV head): first the row's prefix, where only the
 bounds mask applies, then the T block keys under `block_mask`. Per-row lengths are read on the device,
-so rows of any lengths share one launch with no host sync.
+so rows of any lengths share one launch with no host sync. When those programs are too few to fill the
+GPU (decoding at small batch) and the cache is long, the prefix is split across programs as in
+flash-decoding: each writes its unnormalised (max, sum, accumulator) and a second kernel merges them.
 
 CPU (outside the interpreter): torch's SDPA over the live slots with a materialised [B, T, S] mask, built
 once per forward and shared by its layers (`_VisibilityMemo`); `reference.tree_attention` stays the
@@ -59,17 +61,19 @@ if backend.HAS_TRITON:
     @backend.triton_kernel
     def _tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lengths_ptr, starts_ptr, block_mask_ptr,
-        T, D, scale_log2,
+        part_acc_ptr, part_max_ptr, part_sum_ptr,
+        B, T, D, scale_log2, split_size,
         stride_qb, stride_qh, stride_qt,
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_ot,
-        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     ):
         row_block = tl.program_id(0)
         batch = tl.program_id(1) // NUM_KV_HEADS
         kv_head = tl.program_id(1) % NUM_KV_HEADS
+        split = tl.program_id(2)
 
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)  # folded (query t, head in group g)
         t = rows // GROUP
@@ -91,12 +95,14 @@ if backend.HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        # The cached prefix: every query sees all of it, padding excepted.
+        # The cached prefix: every query sees all of it, padding excepted. Split s takes the slots
+        # [s * split_size, (s + 1) * split_size); split_size is a multiple of BLOCK_N.
         every_row = row_ok[:, None] | True
-        first = (start // BLOCK_N) * BLOCK_N
-        for key_start in range(first, length, BLOCK_N):
+        first = tl.maximum((start // BLOCK_N) * BLOCK_N, split * split_size)
+        end = tl.minimum(length, (split + 1) * split_size)
+        for key_start in range(first, end, BLOCK_N):
             keys = key_start + tl.arange(0, BLOCK_N)
-            key_ok = (keys < length) & (keys >= start)
+            key_ok = (keys < end) & (keys >= start)
             m_i, l_i, acc = _attend_tile(
                 q,
                 k_base + keys[:, None] * stride_ks + dims[None, :],
@@ -106,8 +112,9 @@ if backend.HAS_TRITON:
                 m_i, l_i, acc, scale_log2, UPCAST,
             )
 
-        # This step's block, under the tree mask.
-        for block_start in range(0, T, BLOCK_N):
+        # This step's block, under the tree mask: the last split's work.
+        block_end = tl.where(split == NUM_SPLITS - 1, T, 0)
+        for block_start in range(0, block_end, BLOCK_N):
             j = block_start + tl.arange(0, BLOCK_N)
             slots = length + j
             key_ok = (j < T) & (slots >= start)
@@ -122,9 +129,46 @@ if backend.HAS_TRITON:
                 m_i, l_i, acc, scale_log2, UPCAST,
             )
 
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # nothing visible: zero output
-        out_ptrs = out_ptr + batch * stride_ob + head[:, None] * stride_oh + t[:, None] * stride_ot + dims[None, :]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        if NUM_SPLITS == 1:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # nothing visible: zero output
+            out_ptrs = out_ptr + batch * stride_ob + head[:, None] * stride_oh + t[:, None] * stride_ot + dims[None, :]
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        else:  # unnormalised partial state, [NUM_SPLITS, B, Hq, T] rows, merged by _merge_splits_kernel
+            part = ((split * B + batch) * (NUM_KV_HEADS * GROUP) + head) * T + t
+            tl.store(part_max_ptr + part, m_i, mask=row_ok)
+            tl.store(part_sum_ptr + part, l_i, mask=row_ok)
+            tl.store(part_acc_ptr + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
+
+    @backend.triton_kernel
+    def _merge_splits_kernel(
+        out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+        rows_total, H, T, D,
+        stride_ob, stride_oh, stride_ot,
+        NUM_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Rescales each split's (max, sum, acc) to the common maximum and normalises: one row per
+        (batch, head, query), rows_total = B * H * T of them."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < rows_total
+        dims = tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (dims < D)[None, :]
+        m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        for split in tl.static_range(NUM_SPLITS):
+            m = tl.maximum(m, tl.load(part_max_ptr + split * rows_total + rows, mask=row_ok, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # no split saw anything
+        total = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for split in tl.static_range(NUM_SPLITS):
+            part = split * rows_total + rows
+            weight = tl.exp2(tl.load(part_max_ptr + part, mask=row_ok, other=float("-inf")) - m_safe)
+            total += weight * tl.load(part_sum_ptr + part, mask=row_ok, other=0.0)
+            acc += weight[:, None] * tl.load(part_acc_ptr + part[:, None] * D + dims[None, :], mask=ok, other=0.0)
+        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+        batch = rows // (H * T)
+        head = (rows // T) % H
+        t = rows % T
+        out_ptrs = out_ptr + batch[:, None] * stride_ob + head[:, None] * stride_oh + t[:, None] * stride_ot + dims[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _check_inputs(q, k, v, lengths, block_mask, starts):
@@ -204,6 +248,24 @@ def _dense_attention(q, k, v, lengths, block_mask, scale, starts):
     return out.to(q.dtype)
 
 
+# Split the prefix across programs (flash-decoding) when one program per (row block, batch row, KV head)
+# would leave most of the GPU idle: decoding (T = 1) at batch 1 has only B * Hkv programs. A split covers at
+# least _SPLIT_MIN_SLOTS cache slots; the plan follows the cache's capacity, known without reading the
+# lengths on the device (splits past a row's length find nothing and cost one launch slot).
+_SPLIT_TARGET_PROGRAMS = 256
+_SPLIT_MIN_SLOTS = 512
+_MAX_SPLITS = 32
+
+
+def _split_plan(programs: int, num_slots: int, block_n: int) -> tuple[int, int]:
+    """(number of splits, slots per split) for the prefix; (1, any) means no split."""
+    wanted = min(_MAX_SPLITS, triton.cdiv(_SPLIT_TARGET_PROGRAMS, programs), num_slots // _SPLIT_MIN_SLOTS)
+    if wanted <= 1:
+        return 1, triton.cdiv(num_slots, block_n) * block_n
+    split_size = triton.cdiv(triton.cdiv(num_slots, wanted), block_n) * block_n
+    return triton.cdiv(num_slots, split_size), split_size
+
+
 def _block_sizes(rows: int, head_dim: int, on_cuda: bool) -> tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(head_dim))
     if not on_cuda:  # the interpreter's cost is per program and per op: few, large tiles
@@ -225,12 +287,27 @@ def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     block_m, block_n, block_d = _block_sizes(T * group, D, q.is_cuda)
-    grid = (triton.cdiv(T * group, block_m), B * Hkv)
-    _tree_attention_kernel[grid](
+    row_blocks = triton.cdiv(T * group, block_m)
+    num_splits, split_size = _split_plan(row_blocks * B * Hkv, k.shape[2], block_n)
+    if num_splits > 1:
+        part_max = torch.empty(num_splits, B, Hq, T, device=q.device, dtype=torch.float32)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(num_splits, B, Hq, T, D, device=q.device, dtype=torch.float32)
+    else:
+        part_max = part_sum = part_acc = out  # not read
+    _tree_attention_kernel[(row_blocks, B * Hkv, num_splits)](
         q, k, v, out, lengths, starts, block_mask.to(torch.int8),
-        T, D, scale * 1.4426950408889634,  # exp2 instead of exp: fold log2(e) into the scale
+        part_acc, part_max, part_sum,
+        B, T, D, scale * 1.4426950408889634, split_size,  # exp2 instead of exp: fold log2(e) into the scale
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        NUM_KV_HEADS=Hkv, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        NUM_KV_HEADS=Hkv, GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         UPCAST=(not q.is_cuda) or q.dtype == torch.float32,
     )
+    if num_splits > 1:
+        rows_total = B * Hq * T
+        block_r = 16
+        _merge_splits_kernel[(triton.cdiv(rows_total, block_r),)](
+            out, part_acc, part_max, part_sum, rows_total, Hq, T, D, *out.stride()[:3],
+            NUM_SPLITS=num_splits, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
     return out

@@ -1,5 +1,7 @@
 """tree_attention against a float64 reference and SDPA with a materialised mask."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ import mtp_kernels
 from mtp_kernels import reference
 from mtp_model.layout import step_layout
 
+tree_attention_module = importlib.import_module("mtp_kernels.tree_attention")  # the package exports the op under the same name
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -81,6 +84,36 @@ def test_query_that_sees_nothing_gives_zeros(kernel_mode):
     check_close(out, q, k, v, lengths, block_mask, starts)
 
 
+@pytest.mark.parametrize("T", [1, 9])
+def test_prefix_split_across_programs(monkeypatch, T):
+    """Flash-decoding: few programs and a long cache split the prefix; each split's partial softmax state
+    is merged. Rows whose prefix ends in the first split (later splits see nothing), whose padding covers
+    whole splits, and one that sees nothing at all."""
+    monkeypatch.setenv("MTP_KERNELS", "interpret")
+    monkeypatch.setattr(tree_attention_module, "_SPLIT_MIN_SLOTS", 64)
+    S = 300
+    assert tree_attention_module._split_plan(2, S, 64)[0] > 1
+    q, k, v, _, _ = random_inputs(4, 4, 2, T, 64, S, torch.float32, seed=T)
+    lengths = torch.tensor([S - T, 40, 250, 0])
+    starts = torch.tensor([0, 3, 190, 0])
+    block_mask = quadratic_mask(2) if T == 9 else torch.ones(1, 1, dtype=torch.bool)
+    if T == 1:
+        starts[3] = 1  # row 3's only key (its own block entry) is padding: it sees nothing
+    out = mtp_kernels.tree_attention(q, k, v, lengths, block_mask, None, starts)
+    check_close(out, q, k, v, lengths, block_mask, starts)
+    if T == 1:
+        assert torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+def test_split_plan():
+    plan = tree_attention_module._split_plan
+    assert plan(8, 32768, 64) == (32, 1024)  # Llama-3-8B decoding at batch 1: 8 programs, a 32k cache
+    assert plan(256, 32768, 64)[0] == 1  # enough programs already
+    assert plan(8, 600, 64)[0] == 1  # too short to be worth a merge
+    splits, size = plan(48, 5500, 64)
+    assert size % 64 == 0 and (splits - 1) * size < 5500 <= splits * size
+
+
 def test_cpu_path_rebuilds_its_mask_when_the_inputs_change(monkeypatch):
     """The CPU path builds the visibility mask once for all layers of a forward; lengths advanced in place
     by kv_compact (a compiled op: no version bump), other lengths or another block mask each need a fresh
@@ -147,7 +180,7 @@ def test_bad_input(change, message):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("D", "T", "S"), [(64, 81, 700), (128, 1, 2100), (128, 16, 300), (80, 25, 130), (256, 9, 90)])
+@pytest.mark.parametrize(("D", "T", "S"), [(64, 81, 700), (128, 1, 2100), (64, 9, 5000), (128, 16, 300), (80, 25, 130), (256, 9, 90)])
 def test_compiled_kernel_on_gpu(dtype, D, T, S):
     q, k, v, lengths, starts = random_inputs(4, 32, 8, T, D, S, dtype, seed=T, device="cuda")
     block_mask = quadratic_mask(8).cuda() if T == 81 else torch.ones(T, T, dtype=torch.bool, device="cuda").tril()

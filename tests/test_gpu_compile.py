@@ -1,0 +1,121 @@
+"""Every Triton launch the ops make on an H100 compiles for it, on any machine.
+
+Triton ships ptxas, so compiling to a cubin needs no GPU. The public ops run on fake CUDA tensors
+(FakeTensorMode: shapes, dtypes and strides, no memory), so their own GPU launch planning (block sizes,
+splits, upcasting) picks the configurations; each launch is recorded instead of run, then compiled for
+sm_90. This checks what the interpreter cannot: the compiled path's types, layouts and resource limits.
+"""
+
+import importlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import mtp_kernels
+from mtp_kernels import backend
+from mtp_kernels.sampler import SamplingParams
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+H100 = GPUTarget("cuda", 90, 32)
+POINTER_TYPES = {
+    torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
+    torch.int8: "*i8", torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1",
+}
+
+
+def argument_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """Runs the ops as on a GPU that Triton can drive, recording each kernel launch instead of running it."""
+    launches = []
+
+    def record(kernel, grid):
+        return lambda *args, **kwargs: launches.append((kernel, grid, args, kwargs))
+
+    monkeypatch.setattr(backend.TritonKernel, "__getitem__", record)
+    monkeypatch.setattr(backend, "triton_can_drive_cuda", lambda: True)
+    monkeypatch.setattr(importlib.import_module("mtp_kernels.gated_lora"), "_sm_count", lambda index: 132)
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        yield launches
+
+
+_compiled = {}
+
+
+def compile_for_h100(kernel, args, kwargs):
+    fn = kernel.compiled
+    values = dict(zip(fn.arg_names, args), **kwargs)
+    signature = {p.name: "constexpr" if p.is_constexpr else argument_type(values[p.name]) for p in fn.params}
+    constexprs = {p.name: values[p.name] for p in fn.params if p.is_constexpr}
+    key = (fn.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()))
+    if key not in _compiled:
+        _compiled[key] = triton.compile(ASTSource(fn, signature, constexprs), target=H100)
+    return _compiled[key]
+
+
+def compile_all(launches):
+    assert launches, "the op launched no Triton kernel"
+    for kernel, _, args, kwargs in launches:
+        binary = compile_for_h100(kernel, args, kwargs)
+        assert binary.asm["cubin"], kernel.__name__
+
+
+def cuda(*shape, dtype=torch.float32):
+    return torch.empty(*shape, device="cuda", dtype=dtype)
+
+
+# Each dtype, head dim and launch branch (tile heights, the prefix split) at least once; a compile takes
+# seconds, so not the full product.
+@pytest.mark.parametrize(
+    ("dtype", "B", "Hq", "Hkv", "T", "D", "S"),
+    [(torch.bfloat16, 1, 32, 8, 1, 128, 32768), (torch.float16, 8, 32, 8, 81, 128, 2048),
+     (torch.float32, 2, 28, 4, 16, 64, 300), (torch.bfloat16, 1, 8, 8, 25, 80, 4096),
+     (torch.float16, 4, 16, 2, 9, 96, 512), (torch.bfloat16, 2, 8, 1, 9, 256, 1024)],
+)
+def test_tree_attention_compiles(recorded_launches, dtype, B, Hq, Hkv, T, D, S):
+    lengths = cuda(B, dtype=torch.int64)
+    mtp_kernels.tree_attention(cuda(B, Hq, T, D, dtype=dtype), cuda(B, Hkv, S, D, dtype=dtype),
+                               cuda(B, Hkv, S, D, dtype=dtype), lengths, cuda(T, T, dtype=torch.bool), None, lengths)
+    compile_all(recorded_launches)
+    if T == 1 and S == 32768:  # decoding at batch 1 on a long cache takes the split path
+        assert len(recorded_launches) == 2
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rows", "in_features", "out_features", "rank"),
+    [(torch.bfloat16, 81, 4096, 4096, 16), (torch.float16, 4096, 4096, 14336, 32), (torch.float32, 7, 2048, 256, 256),
+     (torch.float64, 33, 512, 512, 8)],
+)
+def test_gated_lora_compiles(recorded_launches, dtype, rows, in_features, out_features, rank):
+    mtp_kernels.gated_lora_linear(cuda(rows, in_features, dtype=dtype), cuda(out_features, in_features, dtype=dtype),
+                                  None, cuda(rank, in_features, dtype=dtype), cuda(out_features, rank, dtype=dtype),
+                                  2.0, cuda(rows, dtype=torch.bool))
+    compile_all(recorded_launches)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rows", "sample"),
+    [(torch.bfloat16, 1, False), (torch.bfloat16, 64, True), (torch.float16, 512, False), (torch.float32, 8, True)],
+)
+def test_sampler_compiles(recorded_launches, dtype, rows, sample):
+    vocab, hidden = 32000, 4096
+    params = SamplingParams(temperature=0.7) if sample else SamplingParams()
+    noise = cuda(rows, vocab) if sample else None
+    mtp_kernels.choose_tokens(cuda(rows, hidden, dtype=dtype), cuda(vocab, hidden, dtype=dtype), params, noise)
+    compile_all(recorded_launches)

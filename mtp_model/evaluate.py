@@ -23,8 +23,8 @@ import torch
 from mtp_model.data import iter_jsonl, prompt_ids
 
 
-def read_prompts(path: str | Path) -> list[tuple[str, object]]:
-    """(domain, prompt) pairs; errors name the line."""
+def read_prompts(path: str | Path, per_domain: int | None = None) -> list[tuple[str, object]]:
+    """(domain, prompt) pairs, the first `per_domain` of each domain (default: all); errors name the line."""
     prompts = []
     for number, record in iter_jsonl(path):
         prompt = record.get("messages", record.get("prompt")) if isinstance(record, dict) else None
@@ -33,6 +33,13 @@ def read_prompts(path: str | Path) -> list[tuple[str, object]]:
         if not prompt:
             raise ValueError(f"{path}:{number}: expected a 'prompt' string or a 'messages' list")
         prompts.append((str(record.get("domain", "all")), prompt))
+    if per_domain is not None:
+        kept, seen = [], defaultdict(int)
+        for domain, prompt in prompts:
+            seen[domain] += 1
+            if seen[domain] <= per_domain:
+                kept.append((domain, prompt))
+        prompts = kept
     return prompts
 
 
@@ -154,6 +161,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chart", default=None, help="PNG path (default: next to --out)")
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--per-domain", type=int, default=None, help="use only the first N prompts of each domain")
     parser.add_argument("--save-fastest", action="store_true",
                         help="make the fastest configuration over all domains (with the sampler) the adapter's "
                              "generate default")
@@ -161,7 +169,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = mtp_model.patch(AutoModelForCausalLM.from_pretrained(args.model).eval(), adapter=args.adapter)
-    prompts = read_prompts(args.prompts)[: args.limit]
+    prompts = read_prompts(args.prompts, args.per_domain)[: args.limit]
     results = evaluate(model, tokenizer, prompts, max_steps=args.max_steps)
     print(format_table(results))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

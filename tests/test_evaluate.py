@@ -55,6 +55,14 @@ def test_steps_are_capped():
     assert model.mtp_stats["steps"] == 4  # the last run stopped at the step budget, not at a token budget
 
 
+def test_prompts_per_domain(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"w{i}", "domain": d}) + "\n"
+                            for i, d in enumerate(["code", "math", "code", "code", "math"])))
+    assert read_prompts(path, per_domain=2) == [("code", "w0"), ("math", "w1"), ("code", "w2"), ("math", "w4")]
+    assert len(read_prompts(path)) == 5
+
+
 def test_prompt_file_errors_name_the_line(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "w1"}\n{"domain": "x"}\n')

@@ -44,7 +44,7 @@ def test_trained_adapter_drafts_well_and_changes_nothing():
                 tokens += model.mtp_stats["tokens"]
                 steps += model.mtp_stats["steps"]
             # A random adapter gets about 1 token per step; the trained one must have learned something.
-            assert tokens / steps > 1.8, (domain, tokens / steps)
+            assert tokens / steps > 2.5, (domain, tokens / steps)
 
 
 def test_demo_command_runs_on_the_shipped_model(capsys):

@@ -2,7 +2,8 @@
 
 Shapes: vocabulary 32k, 128k, 152k; d in {2048, 4096}; N in {1, 8, 64, 512} rows; bf16 on a GPU. Target on
 H100/H200: at least 1.3x faster than torch for N >= 8, with no [N, V] logits allocated (extra_info records
-the peak memory above the inputs).
+the peak memory above the inputs). Greedy, plain temperature sampling, and top-k 50 + top-p 0.9 sampling
+(Hugging Face's defaults with top-p on; torch side: `filter_logits` + multinomial).
 """
 
 import itertools
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from common import DEVICE, DTYPE, ON_GPU, grid, run
 
 import mtp_kernels
-from mtp_kernels import SamplingParams
+from mtp_kernels import SamplingParams, reference
 
 VOCABS = grid([32000, 128256, 151936], [1000])
 DIMS = grid([2048, 4096], [64])
@@ -69,3 +70,29 @@ def test_torch_multinomial(benchmark, V, D, N):
     hidden, weight = inputs(N, V, D)
     benchmark.group = f"sample V={V} d={D} N={N}"
     run(benchmark, lambda: torch.multinomial((F.linear(hidden, weight).float() / 0.8).softmax(-1), 1))
+
+
+TOP_K_TOP_P = SamplingParams(0.8, top_k=50, top_p=0.9)
+
+
+@GRID
+def test_fused_top_k_top_p(benchmark, V, D, N):
+    hidden, weight = inputs(N, V, D)
+    noise = torch.empty(N, V, device=DEVICE).exponential_()
+    benchmark.group = f"top-k top-p V={V} d={D} N={N}"
+    run(benchmark, mtp_kernels.choose_tokens, hidden, weight, TOP_K_TOP_P, noise)
+    benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(
+        lambda: mtp_kernels.choose_tokens(hidden, weight, TOP_K_TOP_P, noise))
+
+
+@GRID
+def test_torch_top_k_top_p(benchmark, V, D, N):
+    hidden, weight = inputs(N, V, D)
+    benchmark.group = f"top-k top-p V={V} d={D} N={N}"
+
+    def torch_sample():
+        logits = reference.filter_logits(F.linear(hidden, weight).float(), 0.8, TOP_K_TOP_P.top_k, TOP_K_TOP_P.top_p)
+        return torch.multinomial(logits.softmax(-1), 1)
+
+    run(benchmark, torch_sample)
+    benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(torch_sample)

@@ -104,13 +104,19 @@ def filter_logits(logits, temperature, top_k=None, top_p=None):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative <= (1 - top_p)
-        remove_sorted[..., -1] = False  # always keep the most likely token
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
+        logits = top_p_filter(logits, top_p)
     return logits
+
+
+def top_p_filter(logits, top_p):
+    """Removes (-> -inf) the least likely tokens whose total probability is at most 1 - top_p."""
+    # Stable, so tokens with equal logits fall in index order and the cut through a tie is well defined.
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False, stable=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[..., -1] = False  # always keep the most likely token
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
 
 
 def race(probs_or_logits_filtered, noise, exclude=None):

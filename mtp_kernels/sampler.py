@@ -11,11 +11,15 @@
 - `accept_sampling(logits [B, k+1, V], drafts [B, k], params, uniform [B, k], noise [B, k+1, V])
   -> (accepted [B], next_token [B])`. A draft of -1 means "no draft".
 
-Kernel (greedy and temperature sampling): the vocabulary is split across programs; each computes its
-logit tiles (h @ W_tile^T, fp32 accumulation) for a block of rows and keeps the best (key, index) per
-row, so the [N, V] logits never reach global memory. A torch argmax over the per-split winners finishes
-(first maximum wins, which keeps lowest-index ties). Top-k / top-p need each row's threshold over the
-whole vocabulary: they run through the torch reference on row chunks of bounded size instead.
+Kernels: the vocabulary is split across programs; each computes its logit tiles (h @ W_tile^T, fp32
+accumulation) for a block of rows, so the [N, V] logits never reach global memory.
+- Greedy and plain temperature sampling: each program keeps the best (key, index) per row; a torch argmax
+  over the per-split winners finishes (first maximum wins, which keeps lowest-index ties).
+- top_k <= MAX_FUSED_TOP_K (with or without top_p): each program keeps its 2 top_k best candidates per row
+  in registers (a sorted list merged with each tile); torch then filters the few survivors exactly as the
+  reference filters the whole vocabulary and runs the race on them.
+- top_p alone (or a larger top_k) bounds nothing the kernel could keep: the torch reference, on row chunks
+  of bounded size.
 Acceptance works on [B, k] tensors (plus the verifier's [B, k+1, V] logits when sampling): plain,
 sync-free torch ops.
 """
@@ -28,10 +32,6 @@ import torch
 
 from mtp_kernels import backend, reference
 from mtp_kernels.checks import FLOAT_DTYPES, check_tensor
-
-# Rows per chunk of the top-k / top-p path, so that chunk x V logits stay within about 64 MB of fp32.
-_FILTER_CHUNK_ELEMENTS = 1 << 24
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -51,14 +51,36 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    @property
-    def filtered(self) -> bool:
-        return self.top_k is not None or (self.top_p is not None and self.top_p < 1.0)
 
+# Rows per chunk of the reference's filtered path, so that chunk x V logits stay within about 64 MB of fp32.
+_FILTER_CHUNK_ELEMENTS = 1 << 24
+# Largest top_k the fused kernel takes: its per-row candidate lists (2 top_k slots) live in registers, and
+# past 64 they spill on an H100 (ptxas -v).
+MAX_FUSED_TOP_K = 64
+_EMPTY_CANDIDATE = -(2**63)  # smaller than every packed (key, token)
 
 if backend.HAS_TRITON:
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _logit_tile(hidden_ptr, weight_ptr, rows, row_ok, vocab, vocab_ok, D, stride_hn, stride_wv,
+                    ROUND_TO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                    UPCAST: tl.constexpr):
+        """[BLOCK_N, BLOCK_V] logits h @ W^T, accumulated in fp32 and rounded as F.linear in ROUND_TO would."""
+        logits = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            h = tl.load(hidden_ptr + rows[:, None] * stride_hn + dims[None, :],
+                        mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
+            w = tl.load(weight_ptr + vocab[None, :] * stride_wv + dims[:, None],
+                        mask=vocab_ok[None, :] & (dims < D)[:, None], other=0.0)
+            if UPCAST:
+                logits += tl.dot(h.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                logits += tl.dot(h, w)
+        # Rounded as the model's own LM head would return them, so near-ties break as in stock decoding.
+        return logits.to(ROUND_TO).to(tl.float32)
 
     @backend.triton_kernel
     def _lm_head_choice_kernel(
@@ -76,19 +98,8 @@ if backend.HAS_TRITON:
         for tile in range(split * tiles_per_split, (split + 1) * tiles_per_split):
             vocab = tile * BLOCK_V + tl.arange(0, BLOCK_V)
             vocab_ok = vocab < V
-            logits = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dims = d0 + tl.arange(0, BLOCK_D)
-                h = tl.load(hidden_ptr + rows[:, None] * stride_hn + dims[None, :],
-                            mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
-                w = tl.load(weight_ptr + vocab[None, :] * stride_wv + dims[:, None],
-                            mask=vocab_ok[None, :] & (dims < D)[:, None], other=0.0)
-                if UPCAST:
-                    logits += tl.dot(h.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                else:
-                    logits += tl.dot(h, w)
-            # Round as F.linear in the model's dtype would, so near-ties break as in stock greedy.
-            keys = logits.to(ROUND_TO).to(tl.float32)
+            keys = _logit_tile(hidden_ptr, weight_ptr, rows, row_ok, vocab, vocab_ok, D, stride_hn, stride_wv,
+                               ROUND_TO, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
             if SAMPLE:
                 noise = tl.load(noise_ptr + rows[:, None] * stride_nn + vocab[None, :],
                                 mask=row_ok[:, None] & vocab_ok[None, :], other=1.0)
@@ -103,28 +114,71 @@ if backend.HAS_TRITON:
         tl.store(best_key_ptr + rows * stride_bn + split, best_key, mask=row_ok)
         tl.store(best_index_ptr + rows * stride_bn + split, best_index, mask=row_ok)
 
+    @backend.triton_kernel
+    def _lm_head_top_k_kernel(
+        hidden_ptr, weight_ptr, candidates_ptr,
+        N, V, D, temperature, tiles_per_split,
+        stride_hn, stride_wv, stride_cn, stride_cs,
+        ROUND_TO: tl.constexpr, EMPTY: tl.constexpr,
+        BLOCK_N: tl.constexpr, CANDIDATES: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """The CANDIDATES largest keys logit / T of each row within this split's vocabulary, sorted descending.
+
+        A candidate packs key and token into one int64: the key's fp32 bits mapped to an order-preserving
+        int32 in the high half, the token in the low half. Tiles are CANDIDATES tokens wide: each is sorted
+        ascending, and its elementwise maximum with the running list (sorted descending) holds exactly the
+        CANDIDATES largest of both (a bitonic sequence), which one more sort puts back in order.
+        """
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(1)
+        row_ok = rows < N
+        slots = tl.arange(0, CANDIDATES)
+        best = tl.full([BLOCK_N, CANDIDATES], EMPTY, dtype=tl.int64)
+        for tile in range(split * tiles_per_split, (split + 1) * tiles_per_split):
+            vocab = tile * CANDIDATES + slots
+            vocab_ok = vocab < V
+            keys = _logit_tile(hidden_ptr, weight_ptr, rows, row_ok, vocab, vocab_ok, D, stride_hn, stride_wv,
+                               ROUND_TO, BLOCK_N, CANDIDATES, BLOCK_D, UPCAST) / temperature
+            bits = keys.to(tl.int32, bitcast=True)
+            ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
+            packed = (ordered.to(tl.int64) << 32) | vocab[None, :].to(tl.int64)
+            packed = tl.where(vocab_ok[None, :], packed, EMPTY)
+            # Once the lists fill up most tiles improve no row: skip their two sorts.
+            improves = (tl.max(packed, axis=1) > tl.min(best, axis=1)) & row_ok
+            if tl.max(improves.to(tl.int32), axis=0) > 0:
+                best = tl.sort(tl.maximum(best, tl.sort(packed, dim=1)), dim=1, descending=True)
+        tl.store(candidates_ptr + rows[:, None] * stride_cn + split * stride_cs + slots[None, :], best,
+                 mask=row_ok[:, None])
+
     _ROUND_TO = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
                  torch.float64: tl.float32}
 
 
-def _block_sizes(N: int, V: int, D: int, on_cuda: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_D, vocab splits) from a small table."""
+def _vocab_splits(N: int, tiles: int, block_n: int, on_cuda: bool) -> tuple[int, int]:
+    """(splits, tiles per split): on a GPU, about 256 programs for a single row block, fewer as rows grow."""
+    splits = max(1, min(tiles, 256 // triton.cdiv(N, block_n))) if on_cuda else 1
+    tiles_per_split = triton.cdiv(tiles, splits)
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split
+
+
+def _row_and_dim_blocks(N: int, D: int, on_cuda: bool, max_rows: int) -> tuple[int, int]:
     if not on_cuda:  # interpreter: few programs, big tiles
-        return max(16, min(64, triton.next_power_of_2(N))), 256, max(16, min(128, triton.next_power_of_2(D))), 1
-    block_n = 16 if N <= 16 else 64 if N <= 64 else 128
-    block_v = 128 if block_n < 128 else 64
-    tiles = triton.cdiv(V, block_v)
-    # Enough programs to fill the GPU: about 256 per row block for a single row, fewer as rows grow.
-    splits = max(1, min(tiles, 256 // triton.cdiv(N, block_n)))
-    return block_n, block_v, 64, splits
+        return max(16, min(64, triton.next_power_of_2(N))), max(16, min(128, triton.next_power_of_2(D)))
+    return (16 if N <= 16 else min(max_rows, 64 if N <= 64 else 128)), 64
+
+
+def _launch_options(hidden) -> dict:
+    return {"ROUND_TO": _ROUND_TO[hidden.dtype],
+            # fp32/fp64, and every dtype in the interpreter (bf16 arithmetic on raw bits), multiply in fp32.
+            "UPCAST": (not hidden.is_cuda) or hidden.dtype in (torch.float32, torch.float64)}
 
 
 def _fused_choice(hidden, weight, temperature, noise):
     N, D = hidden.shape
     V = weight.shape[0]
-    block_n, block_v, block_d, splits = _block_sizes(N, V, D, hidden.is_cuda)
-    tiles_per_split = triton.cdiv(triton.cdiv(V, block_v), splits)
-    splits = triton.cdiv(triton.cdiv(V, block_v), tiles_per_split)
+    block_n, block_d = _row_and_dim_blocks(N, D, hidden.is_cuda, max_rows=128)
+    block_v = 256 if not hidden.is_cuda else 128 if block_n < 128 else 64
+    splits, tiles_per_split = _vocab_splits(N, triton.cdiv(V, block_v), block_n, hidden.is_cuda)
     best_key = torch.empty(N, splits, device=hidden.device, dtype=torch.float32)
     best_index = torch.empty(N, splits, device=hidden.device, dtype=torch.int32)
     sample = noise is not None
@@ -132,12 +186,66 @@ def _fused_choice(hidden, weight, temperature, noise):
         hidden, weight, noise if sample else hidden, best_key, best_index,
         N, V, D, float(temperature) if sample else 1.0, tiles_per_split,
         hidden.stride(0), weight.stride(0), noise.stride(0) if sample else 0, best_key.stride(0),
-        SAMPLE=sample, ROUND_TO=_ROUND_TO[hidden.dtype],
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-        UPCAST=(not hidden.is_cuda) or hidden.dtype in (torch.float32, torch.float64),
+        SAMPLE=sample, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, **_launch_options(hidden),
     )
     winner = best_key.argmax(dim=1, keepdim=True)  # first maximum: the lowest split on ties
     return best_index.gather(1, winner).squeeze(1).long()
+
+
+def _unpack_candidates(packed, vocab_size):
+    """int64 (key, token) candidates -> (keys fp32, -inf where empty; tokens, vocab_size where empty)."""
+    empty = packed == _EMPTY_CANDIDATE
+    ordered = packed >> 32
+    bits = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(torch.int32)
+    keys = bits.view(torch.float32).masked_fill(empty, float("-inf"))
+    tokens = (packed & 0xFFFFFFFF).masked_fill(empty, vocab_size)
+    return keys, tokens
+
+
+def _top_k_candidates(hidden, weight, temperature, top_k):
+    """[N, splits, C] packed (key, token) int64, each split's C = 2 top_k best (at least 16) sorted descending."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    candidates = max(16, triton.next_power_of_2(2 * top_k))
+    # 16 rows and 8 warps keep a 16 x 128 list and its sorts in registers (no spills at 254 per thread).
+    block_n, block_d = _row_and_dim_blocks(N, D, hidden.is_cuda, max_rows=16)
+    splits, tiles_per_split = _vocab_splits(N, triton.cdiv(V, candidates), block_n, hidden.is_cuda)
+    packed = torch.empty(N, splits, candidates, device=hidden.device, dtype=torch.int64)
+    _lm_head_top_k_kernel[(triton.cdiv(N, block_n), splits)](
+        hidden, weight, packed, N, V, D, float(temperature), tiles_per_split,
+        hidden.stride(0), weight.stride(0), packed.stride(0), packed.stride(1),
+        EMPTY=_EMPTY_CANDIDATE, BLOCK_N=block_n, CANDIDATES=candidates, BLOCK_D=block_d, **_launch_options(hidden),
+        num_warps=8,
+    )
+    return packed
+
+
+def _fused_top_k_choice(hidden, weight, params, top_k, top_p, noise):
+    """Samples from the top-k (then top-p) filtered distribution without writing [N, V] logits.
+
+    The kernel leaves each (row, vocabulary split) its 2 top_k best candidates; torch finds the row's
+    k-th key among them, applies top-p to the few survivors and runs the race on them in token order
+    (so ties go to the lowest index, as over the whole vocabulary). The reference keeps every token tied
+    with the k-th key; a split whose whole list ties with it may have had to leave some out, and those
+    rows (ties of that size are all but impossible outside contrived weights) take the reference path.
+    """
+    packed = _top_k_candidates(hidden, weight, params.temperature, top_k)
+    N, splits, candidates = packed.shape
+    V = weight.shape[0]
+    keys, tokens = _unpack_candidates(packed.view(N, -1), V)
+    kth = keys.topk(top_k, dim=1).values[:, -1:]
+    overflowed = (keys.view(N, splits, candidates)[:, :, -1] >= kth).any(dim=1)
+    tokens, order = tokens.sort(dim=1)
+    keys = keys.gather(1, order)
+    keys = keys.masked_fill(keys < kth, float("-inf"))
+    if top_p is not None:
+        keys = reference.top_p_filter(keys, top_p)
+    race_keys = (keys - noise.gather(1, tokens.clamp(max=V - 1)).log()).masked_fill_(tokens == V, float("-inf"))
+    chosen = tokens.gather(1, race_keys.argmax(dim=1, keepdim=True)).squeeze(1)
+    if overflowed.any():  # the one host sync, on the sampling path only
+        rows = overflowed.nonzero().squeeze(1)
+        chosen[rows] = reference.choose_tokens(hidden[rows], weight, params.temperature, top_k, top_p, noise[rows])
+    return chosen
 
 
 def _check_choice_inputs(hidden, weight, params, noise):
@@ -156,17 +264,25 @@ def _check_choice_inputs(hidden, weight, params, noise):
 
 def choose_tokens(hidden, weight, params: SamplingParams = SamplingParams(), noise=None):
     _check_choice_inputs(hidden, weight, params, noise)
-    if params.filtered:
-        rows_per_chunk = max(1, _FILTER_CHUNK_ELEMENTS // weight.shape[0])
+    V = weight.shape[0]
+    top_k = params.top_k if params.top_k is not None and params.top_k < V else None  # k >= V keeps all
+    top_p = params.top_p if params.top_p is not None and params.top_p < 1.0 else None
+    filtered = not params.greedy and (top_k is not None or top_p is not None)  # greedy ignores the filters
+    if hidden.shape[0] and backend.use_triton(hidden):
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        noise = None if params.greedy else noise.float().contiguous()
+        if not filtered:
+            return _fused_choice(hidden, weight, params.temperature, noise)
+        if top_k is not None and top_k <= MAX_FUSED_TOP_K:
+            return _fused_top_k_choice(hidden, weight, params, top_k, top_p, noise)
+    if filtered:  # top-p alone has no bound on its survivors: the reference, on row chunks
+        rows_per_chunk = max(1, _FILTER_CHUNK_ELEMENTS // V)
         return torch.cat([
-            reference.choose_tokens(hidden[i : i + rows_per_chunk], weight, params.temperature, params.top_k,
-                                    params.top_p, noise[i : i + rows_per_chunk])
+            reference.choose_tokens(hidden[i : i + rows_per_chunk], weight, params.temperature, top_k, top_p,
+                                    noise[i : i + rows_per_chunk])
             for i in range(0, hidden.shape[0], rows_per_chunk)
         ])
-    if hidden.shape[0] and backend.use_triton(hidden):
-        noise = None if params.greedy else noise.float().contiguous()
-        return _fused_choice(hidden.contiguous(), weight.contiguous(), params.temperature, noise)
-    return reference.choose_tokens(hidden, weight, params.temperature, params.top_k, params.top_p, noise)
+    return reference.choose_tokens(hidden, weight, params.temperature, None, None, noise)
 
 
 def draft_chain(mlp, embed_weight, lm_weight, first_tokens, latents, params=SamplingParams(), noise=None):

@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import mtp_kernels
 from mtp_kernels import backend
-from mtp_kernels.sampler import SamplingParams
+from mtp_kernels.sampler import SamplingParams, _top_k_candidates
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -64,8 +64,10 @@ def compile_for_h100(kernel, args, kwargs):
     signature = {p.name: "constexpr" if p.is_constexpr else argument_type(values[p.name]) for p in fn.params}
     constexprs = {p.name: values[p.name] for p in fn.params if p.is_constexpr}
     key = (fn.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()))
+    options = {"num_warps": kwargs.get("num_warps", 4)}
+    key += tuple(options.items())
     if key not in _compiled:
-        _compiled[key] = triton.compile(ASTSource(fn, signature, constexprs), target=H100)
+        _compiled[key] = triton.compile(ASTSource(fn, signature, constexprs), target=H100, options=options)
     return _compiled[key]
 
 
@@ -118,4 +120,11 @@ def test_sampler_compiles(recorded_launches, dtype, rows, sample):
     params = SamplingParams(temperature=0.7) if sample else SamplingParams()
     noise = cuda(rows, vocab) if sample else None
     mtp_kernels.choose_tokens(cuda(rows, hidden, dtype=dtype), cuda(vocab, hidden, dtype=dtype), params, noise)
+    compile_all(recorded_launches)
+
+
+@pytest.mark.parametrize(("dtype", "rows", "top_k"), [(torch.bfloat16, 1, 50), (torch.float16, 64, 8), (torch.float32, 512, 64)])
+def test_top_k_sampler_compiles(recorded_launches, dtype, rows, top_k):
+    # The candidate kernel alone: the torch finish after it branches on data, which fake tensors do not have.
+    _top_k_candidates(cuda(rows, 4096, dtype=dtype), cuda(32000, 4096, dtype=dtype), 0.7, top_k)
     compile_all(recorded_launches)

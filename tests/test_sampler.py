@@ -65,6 +65,34 @@ def test_top_k_top_p_follow_the_reference(kernel_mode, top_k, top_p):
         assert torch.equal(tokens, mtp_kernels.choose_tokens(hidden, weight))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_top_k_top_p_in_half_precision_follow_the_reference(kernel_mode, dtype):
+    hidden, weight = head(5, 203, 40, dtype, seed=8)
+    noise = exp_noise(5, 203, seed=9)
+    expected = reference.choose_tokens(hidden, weight, 0.7, 6, 0.9, noise)
+    assert torch.equal(mtp_kernels.choose_tokens(hidden, weight, SamplingParams(0.7, 6, 0.9), noise), expected)
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth(kernel_mode):
+    """Far more tokens tie with the k-th best than the kernel keeps per vocabulary split: all stay in play."""
+    rows, vocab = 8, 150
+    hidden = torch.ones(rows, 8)  # every row sees the same logits; the noise differs
+    weight = 0.1 * torch.randn(vocab, 8, generator=torch.Generator().manual_seed(10))
+    weight[10:60] = 1.0  # 50 tokens share the best logit
+    noise = exp_noise(rows, vocab, seed=11)
+    params = SamplingParams(1.0, top_k=3)
+    tokens = mtp_kernels.choose_tokens(hidden, weight, params, noise)
+    assert torch.equal(tokens, reference.choose_tokens(hidden, weight, 1.0, 3, None, noise))
+    assert all(10 <= token < 60 for token in tokens.tolist()) and len(set(tokens.tolist())) > 3
+
+
+def test_top_k_not_below_the_vocabulary_filters_nothing(kernel_mode):
+    hidden, weight = head(3, 40, 16, torch.float32, seed=12)
+    noise = exp_noise(3, 40, seed=13)
+    assert torch.equal(mtp_kernels.choose_tokens(hidden, weight, SamplingParams(0.9, top_k=40), noise),
+                       mtp_kernels.choose_tokens(hidden, weight, SamplingParams(0.9), noise))
+
+
 def test_draft_chain_feeds_each_draft_back(kernel_mode):
     torch.manual_seed(0)
     V, d, B, k = 50, 16, 3, 4
@@ -162,3 +190,7 @@ def test_compiled_choice_on_gpu(dtype, N, V, D):
     noise = exp_noise(N, V).cuda()
     expected = reference.choose_tokens(hidden, weight, 0.8, None, None, noise)
     assert torch.equal(mtp_kernels.choose_tokens(hidden, weight, SamplingParams(0.8), noise), expected)
+    for top_k, top_p in [(50, None), (8, 0.9), (64, 0.95), (100, None)]:  # the last: past the fused limit
+        expected = reference.choose_tokens(hidden, weight, 0.8, top_k, top_p, noise)
+        tokens = mtp_kernels.choose_tokens(hidden, weight, SamplingParams(0.8, top_k, top_p), noise)
+        assert torch.equal(tokens, expected), (top_k, top_p)

@@ -9,7 +9,8 @@ Everything is seeded and built from what every machine has (`corpus.py`). Stages
   decoding (self-distillation), then `MTPTrainer` with k = 8;
 - the held-out prompts of each domain go to `heldout.jsonl` for `mtp eval` and the demo.
 On a 2-core CPU the build takes about 110 minutes (pretraining about 30, the adapter about 75: 3000 steps
-of batch 4, rank 32, cosine learning rate); the step counts are the knobs.
+of batch 4, rank 32, cosine learning rate); the step counts are the knobs. `--device` picks where the
+training runs (a GPU when there is one); every device is seeded, but their numbers differ in rounding.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def model_config(tokenizer):
     )
 
 
-def pretrain(out: Path, tokenizer, steps: int, batch: int = 16, length: int = 256, lr: float = 3e-3, seed: int = 0):
+def pretrain(out: Path, tokenizer, steps: int, batch: int = 16, length: int = 256, lr: float = 3e-3, seed: int = 0,
+             device: str = "cpu"):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -66,7 +68,7 @@ def pretrain(out: Path, tokenizer, steps: int, batch: int = 16, length: int = 25
         stream += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     tokens = torch.tensor(stream)
     blocks = tokens[: len(tokens) // length * length].view(-1, length)
-    model = LlamaForCausalLM(model_config(tokenizer))
+    model = LlamaForCausalLM(model_config(tokenizer)).to(device)
     print(f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(tokens) / 1e6:.2f}M tokens, {steps} steps of {batch}x{length}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -77,7 +79,7 @@ def pretrain(out: Path, tokenizer, steps: int, batch: int = 16, length: int = 25
         scale = min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))  # warm-up, cosine
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale, 0.05)
-        batch_ids = blocks[torch.randint(0, len(blocks), (batch,), generator=generator)]
+        batch_ids = blocks[torch.randint(0, len(blocks), (batch,), generator=generator)].to(device)
         loss = model(input_ids=batch_ids, labels=batch_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -97,7 +99,7 @@ def write_heldout(out: Path, per_domain: int = 20):
                 handle.write(json.dumps({"domain": domain, "prompt": prompt, "response": response}) + "\n")
 
 
-def train_adapter(out: Path, tokenizer, model, steps: int, per_domain: int = 800, seed: int = 0):
+def train_adapter(out: Path, tokenizer, model, steps: int, per_domain: int = 800, seed: int = 0, device: str = "cpu"):
     from transformers import TrainingArguments
 
     import mtp_model
@@ -105,7 +107,7 @@ def train_adapter(out: Path, tokenizer, model, steps: int, per_domain: int = 800
     from mtp_model.training import MTPDataCollator, MTPTrainer
 
     pairs = [pair for domain_pairs in corpus.prompt_pairs("train", per_domain).values() for pair in domain_pairs]
-    pairs = self_distill(model, tokenizer, pairs, max_new_tokens=96, batch_size=32)
+    pairs = self_distill(model.to(device), tokenizer, pairs, max_new_tokens=96, batch_size=32)
     examples = tokenize_pairs(tokenizer, pairs, max_length=160)
     model.config._name_or_path = "mtp_model/demo_model"  # not the builder's absolute path, into the adapter
     mtp_model.patch(model, mtp_model.MTPConfig(num_masks=NUM_MASKS, lora_rank=32, lora_alpha=64))
@@ -113,7 +115,7 @@ def train_adapter(out: Path, tokenizer, model, steps: int, per_domain: int = 800
         args = TrainingArguments(
             output_dir=scratch, max_steps=steps, per_device_train_batch_size=4,
             learning_rate=2e-3, warmup_steps=min(100, steps // 10), lr_scheduler_type="cosine",
-            logging_steps=50, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, seed=seed,
+            logging_steps=50, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=device == "cpu", seed=seed,
         )
         trainer = MTPTrainer(model=model, args=args, train_dataset=examples,
                              data_collator=MTPDataCollator(NUM_MASKS, model.config.vocab_size))
@@ -131,6 +133,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--adapter-steps", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where pretraining, self-distillation and adapter training run (default: a GPU if any)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -138,11 +142,11 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer(args.out) if "tokenizer" in stages else AutoTokenizer.from_pretrained(args.out)
     write_heldout(args.out)
     if "pretrain" in stages:
-        model = pretrain(args.out, tokenizer, args.pretrain_steps)
+        model = pretrain(args.out, tokenizer, args.pretrain_steps, device=args.device)
     else:
         model = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
     if "adapter" in stages:
-        train_adapter(args.out, tokenizer, model.eval(), args.adapter_steps)
+        train_adapter(args.out, tokenizer, model.eval(), args.adapter_steps, device=args.device)
     return 0
 
 

@@ -8,7 +8,8 @@ public ops validate them before dispatching.
 Shapes (B batch rows, T new tokens in a step, S cache slots, N rows, V vocabulary, d hidden size):
 
 - gated_lora_linear: x [..., in], weight [out, in], bias [out] | None, lora_a [r, in], lora_b [out, r],
-  gate [...] bool  ->  [..., out]
+  gate [...] bool  ->  [..., out]; `masked_lora_linear` is the same op with the gate already converted by
+  `lora_row_mask`, for callers that run many linears under one gate
 - tree_attention: q [B, Hq, T, D], k/v [B, Hkv, S, D], lengths [B], block_mask [T, T] bool,
   starts [B] | None  ->  [B, Hq, T, D]
 - choose_tokens: hidden [N, d], weight [V, d], noise [N, V] | None  ->  [N] int64
@@ -37,15 +38,30 @@ def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate):
     skipped rows' rank-r products (at most 2r / min(in, out) of the base product).
     Differentiable with respect to x, lora_a and lora_b.
     """
+    return masked_lora_linear(x, weight, bias, lora_a, lora_b, scaling, lora_row_mask(gate, x.dtype))
+
+
+def lora_row_mask(gate, dtype):
+    """The gate [...] as the [M, 1] column of ones (gated rows) and zeros that `masked_lora_linear` takes,
+    in the dtype the LoRA term of `dtype` inputs is computed in."""
+    return gate.reshape(-1, 1).to(torch.promote_types(dtype, torch.float32))
+
+
+def masked_lora_linear(x, weight, bias, lora_a, lora_b, scaling, row_mask):
+    """`gated_lora_linear` with the gate given as `lora_row_mask(gate, x.dtype)`.
+
+    Callers that run many linears under one gate (a patched model's forward) convert the gate once.
+    """
     out = F.linear(x, weight, bias)
-    wide = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-    lora_hidden = F.linear(x.reshape(-1, x.shape[-1]).to(wide), lora_a.to(wide)) * gate.reshape(-1, 1)
-    lora_b_t = lora_b.to(wide).t()
-    if out.dtype == wide:
+    x2d = x.reshape(-1, x.shape[-1])
+    if out.dtype == row_mask.dtype:
         # In place on the fresh output (its autograd node does not need it): no copy.
-        out.view(-1, out.shape[-1]).addmm_(lora_hidden, lora_b_t, alpha=scaling)
+        lora_hidden = F.linear(x2d, lora_a) * row_mask
+        out.view(-1, out.shape[-1]).addmm_(lora_hidden, lora_b.t(), alpha=scaling)
         return out
-    summed = torch.addmm(out.reshape(-1, out.shape[-1]).to(wide), lora_hidden, lora_b_t, alpha=scaling)
+    wide = row_mask.dtype
+    lora_hidden = F.linear(x2d.to(wide), lora_a.to(wide)) * row_mask
+    summed = torch.addmm(out.reshape(-1, out.shape[-1]).to(wide), lora_hidden, lora_b.to(wide).t(), alpha=scaling)
     return summed.to(out.dtype).view_as(out)
 
 

@@ -5,7 +5,9 @@
   this forward: every linear is exactly its base layer.
 - `GatedLoRALinear(base, rank, alpha, context)`: `base(x) + alpha / rank * gate * B(A(x))`. Weights use
   peft's names (`lora_A.weight` [r, in], `lora_B.weight` [out, r], B zero-initialised) so adapters save
-  and load in peft's layout.
+  and load in peft's layout. Where the op would run its torch reference (CPU), the module calls
+  `reference.masked_lora_linear` itself: no per-call input checks, and the gate converted to a row mask
+  once per forward (`GateContext.row_mask`) instead of once per linear. Same result, bit for bit.
 - `SamplerHead(hidden_size)`: `[embed(prev); z]` [N, 2d] -> Linear -> SiLU -> LayerNorm -> Linear -> SiLU
   -> LayerNorm -> [N, d]; its output goes through the model's own LM head.
 - `MTPHead`: holds the mask embeddings [k, d] and the sampler, registered on the model as `model.mtp`.
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 import mtp_kernels
+from mtp_kernels import backend, reference
 
 
 class GateContext:
@@ -26,11 +29,20 @@ class GateContext:
 
     def __init__(self):
         self.gate: torch.Tensor | None = None
+        self._row_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (gate, its row mask)
 
     def set(self, gate: torch.Tensor | None) -> None:
         # A gate with no mask token is the same as no gate; skipping LoRA then keeps the base path exact
         # and free.
         self.gate = gate if gate is not None and bool(gate.any()) else None
+
+    def row_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """`reference.lora_row_mask(gate, dtype)`, converted once per gate instead of once per linear."""
+        # Keyed on the gate object, not on set(): activation checkpointing assigns `gate` directly.
+        cached = self._row_mask
+        if cached is None or cached[0] is not self.gate or cached[1].dtype != torch.promote_types(dtype, torch.float32):
+            cached = self._row_mask = (self.gate, reference.lora_row_mask(self.gate, dtype))
+        return cached[1]
 
 
 class GatedLoRALinear(nn.Module):
@@ -64,18 +76,19 @@ class GatedLoRALinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.context.gate
+        context = self.context
+        gate = context.gate
         if gate is None:
             return self.base_layer(x)
-        return mtp_kernels.gated_lora_linear(
-            x,
-            self.base_layer.weight,
-            self.base_layer.bias,
-            self.lora_A.weight,
-            self.lora_B.weight,
-            self.scaling,
-            gate,
-        )
+        base, lora_a, lora_b = self.base_layer.weight, self.lora_A.weight, self.lora_B.weight
+        if backend.use_triton(x):
+            return mtp_kernels.gated_lora_linear(x, base, self.base_layer.bias, lora_a, lora_b, self.scaling, gate)
+        # The torch path without the public op's checks: this module's weights agree by construction, and
+        # F.linear rejects an x of the wrong width, dtype or device. The gate's shape is what is left.
+        if gate.shape != x.shape[:-1]:
+            raise ValueError(f"the gate has shape {tuple(gate.shape)} but x's leading shape is {tuple(x.shape[:-1])}")
+        row_mask = context.row_mask(x.dtype)
+        return reference.masked_lora_linear(x, base, self.base_layer.bias, lora_a, lora_b, self.scaling, row_mask)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"

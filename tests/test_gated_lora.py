@@ -150,6 +150,46 @@ def test_module_uses_peft_names_and_reads_the_shared_gate(kernel_mode):
     torch.testing.assert_close(out[1, 3], expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_module_torch_path_is_the_public_op(monkeypatch, dtype):
+    """On the torch path the module skips the op's checks and converts the gate once per gate, not per
+    linear: outputs and gradients stay the public op's bit for bit, and a gate assigned directly (as
+    activation checkpointing does) is the one used."""
+    monkeypatch.setenv("MTP_KERNELS", "reference")
+    x, weight, bias, a, b, gate = make(13, 40, 24, 4, dtype, lead=(2,))
+    context = GateContext()
+    base = torch.nn.Linear(40, 24, dtype=dtype)
+    layer = GatedLoRALinear(base, rank=4, alpha=8, context=context)
+    with torch.no_grad():
+        for param, value in zip(layer.parameters(), (weight, bias, a, b)):
+            param.copy_(value)
+    other_gate = ~gate
+    grad_out = torch.randn(2, 13, 24).to(dtype)
+    expected = {}
+    for g in (gate, other_gate):
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+        out = mtp_kernels.gated_lora_linear(leaves[0], weight, bias, leaves[1], leaves[2], 2.0, g)
+        out.backward(grad_out)
+        expected[id(g)] = [out.detach()] + [t.grad for t in leaves]
+    monkeypatch.setattr(mtp_kernels, "gated_lora_linear", None)  # the module must not go through the op
+    context.set(gate)
+    for g in (gate, other_gate, gate):
+        context.gate = g
+        with torch.no_grad():
+            assert torch.equal(layer(x), expected[id(g)][0])
+        leaf = x.clone().requires_grad_(True)
+        layer.zero_grad()
+        out = layer(leaf)
+        out.backward(grad_out)
+        got = [out.detach(), leaf.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+        for have, want in zip(got, expected[id(g)]):
+            assert torch.equal(have, want)
+        assert torch.equal(out[~g], F.linear(x, weight, bias)[~g])
+    context.gate = gate[:, :5]
+    with pytest.raises(ValueError, match="gate"):
+        layer(x)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(

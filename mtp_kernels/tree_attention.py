@@ -200,27 +200,29 @@ def _check_inputs(q, k, v, lengths, block_mask, starts):
 
 
 class _VisibilityMemo:
-    """The last call's visibility mask, reused while the lengths, block mask and starts hold the same values.
+    """The last call's attention mask, reused while the lengths, block mask and starts hold the same values.
 
-    Every attention layer of one forward passes the same three tensors, so the [B, T, S] mask is built
-    once per forward rather than once per layer. The memo compares values, not identities or version
-    counters: `kv_compact` advances the lengths in place through a compiled op, which bumps no version.
-    Comparing [B] and [T, T] tensors costs nothing next to the mask, on the CPU where this path runs. The
-    entry is one tuple, swapped atomically, so threads never see a torn entry.
+    Every attention layer of one forward passes the same three tensors, so the [B, 1, T, S] mask is built
+    once per forward rather than once per layer. It is additive (0 visible, -inf not) in the dtype SDPA
+    runs in, since SDPA would turn a bool mask into exactly that on every call. The memo compares values,
+    not identities or version counters: `kv_compact` advances the lengths in place through a compiled op,
+    which bumps no version. Comparing [B] and [T, T] tensors costs nothing next to the mask, on the CPU
+    where this path runs. The entry is one tuple, swapped atomically, so threads never see a torn entry.
     """
 
     def __init__(self):
         self._entry = None
 
-    def get(self, lengths, block_mask, starts):
+    def get(self, lengths, block_mask, starts, dtype):
         inputs = (lengths, block_mask, starts)
         entry = self._entry
-        if entry is not None and all(_same(a, b) for a, b in zip(entry[0], inputs)):
-            return entry[1], entry[2]
+        if entry is not None and entry[1] == dtype and all(_same(a, b) for a, b in zip(entry[0], inputs)):
+            return entry[2], entry[3]
         live = int(lengths.max()) + block_mask.shape[0] if lengths.numel() else 0
-        visible = reference.tree_attention_allowed(lengths, block_mask, live, starts)
-        self._entry = (tuple(None if t is None else t.clone() for t in inputs), live, visible)
-        return live, visible
+        visible = reference.tree_attention_allowed(lengths, block_mask, live, starts)[:, None]
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+        self._entry = (tuple(None if t is None else t.clone() for t in inputs), dtype, live, mask)
+        return live, mask
 
 
 def _same(kept, given) -> bool:
@@ -239,10 +241,10 @@ def _dense_attention(q, k, v, lengths, block_mask, scale, starts):
     follows what the rows hold, not what the cache was sized for. SDPA gives a query that sees nothing a
     zero output, as the op requires.
     """
-    live, visible = _visibility.get(lengths, block_mask, starts)
     wide = torch.promote_types(q.dtype, torch.float32)
+    live, mask = _visibility.get(lengths, block_mask, starts, wide)
     out = F.scaled_dot_product_attention(
-        q.to(wide), k[:, :, :live].to(wide), v[:, :, :live].to(wide), attn_mask=visible[:, None], scale=scale,
+        q.to(wide), k[:, :, :live].to(wide), v[:, :, :live].to(wide), attn_mask=mask, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
     return out.to(q.dtype)

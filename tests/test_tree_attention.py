@@ -116,8 +116,8 @@ def test_split_plan():
 
 def test_cpu_path_rebuilds_its_mask_when_the_inputs_change(monkeypatch):
     """The CPU path builds the visibility mask once for all layers of a forward; lengths advanced in place
-    by kv_compact (a compiled op: no version bump), other lengths or another block mask each need a fresh
-    one."""
+    by kv_compact (a compiled op: no version bump), other lengths, another block mask or another dtype each
+    need a fresh one."""
     monkeypatch.setenv("MTP_KERNELS", "reference")
     q, k, v, lengths, starts = random_inputs(2, 4, 2, 9, 64, 40, torch.float32, seed=5)
     lengths = torch.tensor([3, 20])
@@ -135,6 +135,20 @@ def test_cpu_path_rebuilds_its_mask_when_the_inputs_change(monkeypatch):
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
     check_close(mtp_kernels.tree_attention(q, k, v, other_lengths, causal, None, starts), q, k, v, other_lengths,
                 causal, starts)
+    wide = [t.double() for t in (q, k, v)]  # the mask is kept in SDPA's dtype: fp64 needs its own
+    check_close(mtp_kernels.tree_attention(*wide, other_lengths, causal, None, starts), *wide, other_lengths, causal,
+                starts)
+
+
+def test_cpu_path_is_sdpa_with_the_bool_mask(monkeypatch):
+    """The CPU path hands SDPA the additive mask SDPA itself would make of the bool one: same bits."""
+    monkeypatch.setenv("MTP_KERNELS", "reference")
+    q, k, v, lengths, starts = random_inputs(2, 4, 2, 16, 64, 60, torch.float32, seed=7)
+    block_mask = quadratic_mask(3)
+    live = int(lengths.max()) + 16
+    allowed = reference.tree_attention_allowed(lengths, block_mask, live, starts)[:, None]
+    expected = F.scaled_dot_product_attention(q, k[:, :, :live], v[:, :, :live], attn_mask=allowed, enable_gqa=True)
+    assert torch.equal(mtp_kernels.tree_attention(q, k, v, lengths, block_mask, None, starts), expected)
 
 
 def test_reference_matches_sdpa_with_a_materialised_mask():

@@ -110,6 +110,10 @@ def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
 
 def lm_head_logits(hidden, weight):
     """fp32 logits rounded to the hidden states' dtype, as `F.linear` in that dtype would return them."""
+    if hidden.dtype in (torch.float16, torch.bfloat16):
+        # F.linear itself (fp32 accumulation, one rounding): an fp32 copy of the whole LM head per call
+        # would cost more than the product.
+        return F.linear(hidden, weight).float()
     return (hidden.float() @ weight.float().t()).to(hidden.dtype).float()
 
 

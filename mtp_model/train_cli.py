@@ -91,4 +91,9 @@ def train_main(argv: list[str] | None = None) -> int:
     if trainer.args.should_save:
         mtp_model.save_adapter(model, out)
         print(f"mtp train: adapter written to {out}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under torchrun: left to the interpreter's exit, gloo's worker threads can abort the process; the
+        # barrier first, so no rank tears down while another is still in a collective.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0

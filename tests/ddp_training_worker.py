@@ -43,6 +43,11 @@ def main(out: Path):
     trainer.train()
     assert trainer.args.world_size == 2, trainer.args.world_size
     save_file(trainable(model), out / f"rank{rank}.safetensors")
+    # Left to the interpreter's exit, gloo's worker threads can abort the process (SIGABRT, "terminate
+    # called without an active exception"; seen once in a CI run). Without the barrier, tearing down
+    # while the other rank was still in a collective hung once.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def _vocab_splits(N: int, tiles: int, block_n: int, on_cuda: bool) -> tuple[int,
 def _row_and_dim_blocks(N: int, D: int, on_cuda: bool, max_rows: int) -> tuple[int, int]:
     if not on_cuda:  # interpreter: few programs, big tiles
         return max(16, min(64, triton.next_power_of_2(N))), max(16, min(128, triton.next_power_of_2(D)))
-    return (16 if N <= 16 else min(max_rows, 64 if N <= 64 else 128)), 64
+    return min(max_rows, 16 if N <= 16 else 64 if N <= 64 else 128), 64
 
 
 def _launch_options(hidden) -> dict:
@@ -220,7 +220,7 @@ def _top_k_candidates(hidden, weight, temperature, top_k):
     return packed
 
 
-def _fused_top_k_choice(hidden, weight, params, top_k, top_p, noise):
+def _fused_top_k_choice(hidden, weight, temperature, top_k, top_p, noise):
     """Samples from the top-k (then top-p) filtered distribution without writing [N, V] logits.
 
     The kernel leaves each (row, vocabulary split) its 2 top_k best candidates; torch finds the row's
@@ -229,7 +229,7 @@ def _fused_top_k_choice(hidden, weight, params, top_k, top_p, noise):
     with the k-th key; a split whose whole list ties with it may have had to leave some out, and those
     rows (ties of that size are all but impossible outside contrived weights) take the reference path.
     """
-    packed = _top_k_candidates(hidden, weight, params.temperature, top_k)
+    packed = _top_k_candidates(hidden, weight, temperature, top_k)
     N, splits, candidates = packed.shape
     V = weight.shape[0]
     keys, tokens = _unpack_candidates(packed.view(N, -1), V)
@@ -244,7 +244,7 @@ def _fused_top_k_choice(hidden, weight, params, top_k, top_p, noise):
     chosen = tokens.gather(1, race_keys.argmax(dim=1, keepdim=True)).squeeze(1)
     if overflowed.any():  # the one host sync, on the sampling path only
         rows = overflowed.nonzero().squeeze(1)
-        chosen[rows] = reference.choose_tokens(hidden[rows], weight, params.temperature, top_k, top_p, noise[rows])
+        chosen[rows] = reference.choose_tokens(hidden[rows], weight, temperature, top_k, top_p, noise[rows])
     return chosen
 
 
@@ -274,8 +274,8 @@ def choose_tokens(hidden, weight, params: SamplingParams = SamplingParams(), noi
         if not filtered:
             return _fused_choice(hidden, weight, params.temperature, noise)
         if top_k is not None and top_k <= MAX_FUSED_TOP_K:
-            return _fused_top_k_choice(hidden, weight, params, top_k, top_p, noise)
-    if filtered:  # top-p alone has no bound on its survivors: the reference, on row chunks
+            return _fused_top_k_choice(hidden, weight, params.temperature, top_k, top_p, noise)
+    if filtered:  # CPU, top-p alone (no bound on its survivors) or a large top_k: the reference, on row chunks
         rows_per_chunk = max(1, _FILTER_CHUNK_ELEMENTS // V)
         return torch.cat([
             reference.choose_tokens(hidden[i : i + rows_per_chunk], weight, params.temperature, top_k, top_p,

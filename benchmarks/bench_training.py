@@ -1,8 +1,9 @@
 """Training throughput (layout tokens per second) of an MTP step against the same step with peft's ungated LoRA.
 
-Both run the same MTP training layout (k masks after every response token) with a dense attention mask;
-ours gates LoRA to the mask tokens and adds the sampler and consistency losses, peft applies LoRA to every
-token and only the LM-head loss. On a GPU: a 2-layer Llama-3-8B-shaped model in bf16, batch 4 x 256
+Both run the same MTP training layout (k masks after every response token) under the same attention rule:
+ours through `grid_attention` (the default), peft's model through SDPA with the rule as a dense mask. Ours
+gates LoRA to the mask tokens and adds the sampler and consistency losses, peft applies LoRA to every token
+and only the LM-head loss. On a GPU: a 2-layer Llama-3-8B-shaped model in bf16, batch 4 x 256
 tokens before masks, k=8; on CPU a tiny model.
 """
 
@@ -14,7 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import mtp_model
 from mtp_model.patch import embed_tokens
-from mtp_model.training import IGNORE_INDEX, MTPDataCollator, attention_structure, mtp_loss
+from mtp_model.layout import training_attention_mask
+from mtp_model.training import IGNORE_INDEX, MTPDataCollator, mtp_loss
 
 K = 8 if ON_GPU else 3
 RANK = 16
@@ -66,7 +68,8 @@ def test_peft_ungated_lora_step(benchmark):
     batch = batch_for(model.config.vocab_size)
     with torch.no_grad():  # the same inputs, mask embeddings included
         embeds = embed_tokens(model, batch["input_ids"])
-        attention_mask = attention_structure(model, batch)  # the collator leaves the mask to the model
+        # The unpatched model gets the layout's rule as a dense mask (its attention has no grid path).
+        attention_mask = training_attention_mask(batch["anchor"], batch["mask_number"], batch["valid"])
     mtp_model.unpatch(model)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets))

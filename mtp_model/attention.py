@@ -10,8 +10,9 @@
   mask). It travels as the `mtp_step` keyword argument, which transformers hands to the attention
   function.
 - `use_mtp_attention(model)` registers, for the model's attention implementation X, the implementation
-  "mtp+X": `tree_attention` when `mtp_step` is given, and X itself otherwise, so ordinary forwards of a
-  patched model are exactly the stock ones.
+  "mtp+X": `tree_attention` when `mtp_step` is given, `training_attention.grid_attention` when `mtp_grid`
+  (a training batch's `TrainingGrid`) is, and X itself otherwise, so ordinary forwards of a patched model
+  are exactly the stock ones.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import mtp_kernels
+from mtp_model.training_attention import grid_attention
 
 PREFIX = "mtp+"
 
@@ -95,7 +97,11 @@ class MTPCache(Cache):
         mtp_kernels.kv_compact(buffers, self.lengths, keep_index, block_size)
 
 
-def _mtp_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mtp_step=None, **kwargs):
+def _mtp_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mtp_step=None,
+                   mtp_grid=None, **kwargs):
+    if mtp_grid is not None:  # a training forward over the MTP layout
+        out = grid_attention(query, key, value, mtp_grid, scaling, dropout)
+        return out.transpose(1, 2), None
     if mtp_step is None:
         base = module.config._attn_implementation.removeprefix(PREFIX)
         return _base_attention(base, module)(

@@ -10,10 +10,9 @@ batch to [B, L]. The loss (`mtp_loss`) is, with weights configurable and 1 by de
 - consistency: squared distance of each mask's last hidden state to the detached hidden state of the
   regular token with the same position in the same sequence, averaged over pairs ("mean" over the hidden
   dimension by default; "sum" gives the paper's loss scale).
-Attention follows the layout's rule: a dense [B, 1, L, L] bool mask by default (CPU, short sequences), or
-a FlexAttention BlockMask when the model runs `attn_implementation="flex_attention"` (long sequences on a
-GPU: no L x L tensor is materialised). Only the
-LoRA factors and the sampler train (`patch` freezes everything else), so the Trainer's optimizer,
+Attention follows the layout's rule (`attention_inputs`): by default `training_attention.grid_attention`,
+which scores each token only against the keys the rule lets it see, or a FlexAttention BlockMask when the
+model runs `attn_implementation="flex_attention"` (long sequences on a GPU). Only the LoRA factors and the sampler train (`patch` freezes everything else), so the Trainer's optimizer,
 precision, DDP/FSDP and checkpointing apply unchanged; activation checkpointing goes through
 `enable_gradient_checkpointing`, which recomputes layers under the gate they first ran with.
 """
@@ -29,8 +28,9 @@ from transformers import Trainer
 
 from mtp_model.adapter import save_adapter
 from mtp_model.attention import PREFIX
-from mtp_model.layout import training_attention_mask, training_layout
+from mtp_model.layout import training_layout
 from mtp_model.patch import embed_tokens, gate_context
+from mtp_model.training_attention import TrainingGrid
 
 IGNORE_INDEX = -100
 
@@ -79,12 +79,17 @@ class MTPDataCollator:
         return batch
 
 
-def attention_structure(model, batch: dict):
-    """The layout's attention as the model's implementation wants it: a FlexAttention BlockMask (sparse,
-    built from the per-token rule; for long sequences on GPU) or a dense [B, 1, L, L] bool mask."""
+def attention_inputs(model, batch: dict) -> dict:
+    """The keyword arguments that give a forward over the batch's layout its attention rule: a FlexAttention
+    BlockMask when the model runs flex_attention (sparse, built from the per-token rule; long sequences on
+    a GPU), otherwise the batch's `TrainingGrid` for `grid_attention` (the same rule without an L x L
+    score matrix)."""
     anchor, mask_number, valid = batch["anchor"], batch["mask_number"], batch["valid"]
     if model.config._attn_implementation.removeprefix(PREFIX) != "flex_attention":
-        return training_attention_mask(anchor, mask_number, valid)
+        # Any 4D tensor tells transformers the mask is prepared: without one it would build a dense [B, 1, L, L]
+        # mask (the position ids look like packed sequences to it) that grid_attention never reads.
+        prepared = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=anchor.device)
+        return {"attention_mask": prepared, "mtp_grid": TrainingGrid.from_layout(anchor, mask_number, valid)}
     from torch.nn.attention.flex_attention import create_block_mask
 
     def may_attend(b, h, q, kv):
@@ -93,7 +98,7 @@ def attention_structure(model, batch: dict):
         return ((sees_regular | own_block) & valid[b, kv] & valid[b, q]) | (q == kv)
 
     B, L = anchor.shape
-    return create_block_mask(may_attend, B, None, L, L, device=anchor.device)
+    return {"attention_mask": create_block_mask(may_attend, B, None, L, L, device=anchor.device)}
 
 
 def _cross_entropy(lm_head, hidden, labels):
@@ -112,8 +117,8 @@ def mtp_loss(model, batch: dict, weights: LossWeights = LossWeights()) -> tuple[
         hidden = model.model(
             inputs_embeds=embed_tokens(model, ids),
             position_ids=batch["position_ids"],
-            attention_mask=attention_structure(model, batch),
             use_cache=False,
+            **attention_inputs(model, batch),
         ).last_hidden_state
     labels = batch["labels"]
     lm_head = model.get_output_embeddings()

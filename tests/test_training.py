@@ -15,7 +15,7 @@ from mtp_model.layout import training_attention_mask, training_layout
 from mtp_model.patch import embed_tokens, gate_context
 from mtp_model.training import (
     IGNORE_INDEX,
-    attention_structure,
+    attention_inputs,
     LossWeights,
     MTPDataCollator,
     MTPTrainer,
@@ -70,8 +70,7 @@ def test_regular_tokens_keep_the_base_model_outputs():
     batch = MTPDataCollator(3, 96)([{"input_ids": ids[0], "loss_mask": torch.arange(12) >= 5},
                                     {"input_ids": ids[1, :9], "loss_mask": torch.arange(9) >= 2}])
     embeds = embed_tokens(model, batch["input_ids"])
-    kwargs = dict(inputs_embeds=embeds, position_ids=batch["position_ids"],
-                  attention_mask=attention_structure(model, batch))
+    kwargs = dict(inputs_embeds=embeds, position_ids=batch["position_ids"], **attention_inputs(model, batch))
     with gate_context(model, batch["input_ids"] >= 96):
         gated = model.model(**kwargs).last_hidden_state
     ungated = model.model(**kwargs).last_hidden_state  # LoRA off everywhere

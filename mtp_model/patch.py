@@ -127,6 +127,8 @@ def unpatch(model):
     for name in ("mtp_config", "mtp_gate", "mtp_stats", "_mtp_original_modules", "_mtp_original_attention",
                  "_mtp_original_requires_grad", "generate", "forward"):  # the class's methods show through again
         delattr(model, name)
+    if hasattr(model, "_mtp_checkpoint_functions"):  # set by training.enable_gradient_checkpointing
+        del model._mtp_checkpoint_functions
     return model
 
 

@@ -113,6 +113,7 @@ def _cross_entropy(lm_head, hidden, labels):
 def mtp_loss(model, batch: dict, weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict]:
     """Total loss and its terms (floats, for logging) on a collated batch."""
     ids = batch["input_ids"]
+    _check_checkpointing(model)
     with gate_context(model, ids >= model.config.vocab_size):
         hidden = model.model(
             inputs_embeds=embed_tokens(model, ids),
@@ -169,18 +170,45 @@ def _gate_as_it_was(model, gate):
         model.mtp_gate.gate = previous
 
 
-def enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model, every_n_layers: int = 1, offload: bool = False, **checkpoint_kwargs) -> None:
     """Activation checkpointing that recomputes each layer with the gate of its original forward.
 
     The gate lives in a context that is cleared when the forward returns, long before the backward pass
     recomputes the checkpointed layers; each checkpointed region therefore captures the gate in force
-    when it first ran and restores it for its recomputation.
+    when it first ran and restores it for its recomputation (which needs torch's non-reentrant checkpoint).
+    transformers' own `activation_checkpointing_enable` / `gradient_checkpointing_enable` would recompute
+    without LoRA: `mtp_loss` refuses to train under it, and `MTPTrainer` routes the `TrainingArguments`
+    flag here. `every_n_layers`, `offload` and `checkpoint_kwargs` are those of transformers' method.
     """
 
     def context_fn():
         return contextlib.nullcontext(), _gate_as_it_was(model, model.mtp_gate.gate)
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+    kwargs = checkpoint_kwargs | {"use_reentrant": False, "context_fn": context_fn}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in newer transformers; the old one warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers,
+                                              offload=offload)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers,
+                                            offload=offload)
+    model._mtp_checkpoint_functions = _checkpoint_functions(model)
+
+
+def _checkpoint_functions(model) -> list:
+    """The checkpoint function of every decoder layer that checkpoints (transformers keeps one per layer)."""
+    return [getattr(layer, "_gradient_checkpointing_func", None) for layer in model.model.layers
+            if getattr(layer, "gradient_checkpointing", False)]
+
+
+def _check_checkpointing(model) -> None:
+    functions = _checkpoint_functions(model)
+    if model.training and functions and functions != getattr(model, "_mtp_checkpoint_functions", None):
+        raise RuntimeError(
+            "activation checkpointing of a patched model must be enabled with "
+            "mtp_model.training.enable_gradient_checkpointing(model) (or TrainingArguments(activation_checkpointing="
+            "True) with MTPTrainer): transformers' own method recomputes the layers without the adapter's gate, "
+            "so the gradients would be wrong"
+        )
 
 
 class MTPTrainer(Trainer):
@@ -194,6 +222,14 @@ class MTPTrainer(Trainer):
 
     def __init__(self, *args, loss_weights: LossWeights | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # The Trainer would enable transformers' checkpointing, which recomputes layers without the gate.
+        flags = [name for name in ("activation_checkpointing", "gradient_checkpointing") if getattr(self.args, name, False)]
+        if flags:
+            options = dict(getattr(self.args, "activation_checkpointing_kwargs", None)
+                           or getattr(self.args, "gradient_checkpointing_kwargs", None) or {})
+            enable_gradient_checkpointing(self.model, **options)
+            for name in flags:
+                setattr(self.args, name, False)
         self.loss_weights = loss_weights or LossWeights()
         self._term_sums: dict[str, float] = {}
         self._term_count = 0

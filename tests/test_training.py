@@ -212,6 +212,36 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
 
 
+def test_transformers_own_checkpointing_is_refused():
+    model = randomize_adapter(mtp_model.patch(tiny_model(seed=7, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4)))
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()  # recomputes layers without the gate: the loss must not train under it
+    model.train()
+    with pytest.raises(RuntimeError, match="enable_gradient_checkpointing"):
+        mtp_loss(model, MTPDataCollator(2, 40)(counting_examples(2, 40, seed=7)))
+
+
+def test_trainer_checkpointing_flag_uses_the_gate_aware_checkpointing(tmp_path):
+    examples = counting_examples(4, 40, seed=7)
+
+    def gradients(flag):
+        model = randomize_adapter(mtp_model.patch(tiny_model(seed=7, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4)))
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=False,
+                                 gradient_checkpointing=flag)
+        trainer = MTPTrainer(model=model, args=args, train_dataset=examples, data_collator=MTPDataCollator(2, 40))
+        model.train()
+        loss, _ = mtp_loss(model, MTPDataCollator(2, 40)(examples))
+        loss.backward()
+        assert any(getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers) == flag
+        assert not getattr(trainer.args, "gradient_checkpointing", False)  # the Trainer will not redo it
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and any(".lora_A." in name for name in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
 def test_flex_attention_block_mask_matches_the_dense_mask():
     pytest.importorskip("torch.nn.attention.flex_attention")
     batch = MTPDataCollator(3, 40)(counting_examples(2, 40, seed=8, length=10, prompt=3))

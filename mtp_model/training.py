@@ -12,9 +12,10 @@ batch to [B, L]. The loss (`mtp_loss`) is, with weights configurable and 1 by de
   dimension by default; "sum" gives the paper's loss scale).
 Attention follows the layout's rule (`attention_inputs`): by default `training_attention.grid_attention`,
 which scores each token only against the keys the rule lets it see, or a FlexAttention BlockMask when the
-model runs `attn_implementation="flex_attention"` (long sequences on a GPU). Only the LoRA factors and the sampler train (`patch` freezes everything else), so the Trainer's optimizer,
-precision, DDP/FSDP and checkpointing apply unchanged; activation checkpointing goes through
-`enable_gradient_checkpointing`, which recomputes layers under the gate they first ran with.
+model runs `attn_implementation="flex_attention"` (long sequences on a GPU). Only the LoRA factors and the
+sampler train (`patch` freezes everything else), so the Trainer's optimizer, precision and DDP/FSDP apply
+unchanged; activation checkpointing goes through `enable_gradient_checkpointing` (MTPTrainer routes the
+TrainingArguments flag there), which recomputes layers under the gate they first ran with.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def _check_checkpointing(model) -> None:
     if model.training and functions and functions != getattr(model, "_mtp_checkpoint_functions", None):
         raise RuntimeError(
             "activation checkpointing of a patched model must be enabled with "
-            "mtp_model.training.enable_gradient_checkpointing(model) (or TrainingArguments(activation_checkpointing="
+            "mtp_model.training.enable_gradient_checkpointing(model) (or TrainingArguments(gradient_checkpointing="
             "True) with MTPTrainer): transformers' own method recomputes the layers without the adapter's gate, "
             "so the gradients would be wrong"
         )

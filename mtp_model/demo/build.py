@@ -99,12 +99,13 @@ def write_heldout(out: Path, per_domain: int = 20):
                 handle.write(json.dumps({"domain": domain, "prompt": prompt, "response": response}) + "\n")
 
 
-def train_adapter(out: Path, tokenizer, model, steps: int, per_domain: int = 800, seed: int = 0, device: str = "cpu"):
+def train_adapter(out: Path, tokenizer, model, steps: int, per_domain: int = 800, seed: int = 0, device: str = "cpu",
+                  consistency_reduction: str = "mean"):
     from transformers import TrainingArguments
 
     import mtp_model
     from mtp_model.data import self_distill, tokenize_pairs
-    from mtp_model.training import MTPDataCollator, MTPTrainer
+    from mtp_model.training import LossWeights, MTPDataCollator, MTPTrainer
 
     pairs = [pair for domain_pairs in corpus.prompt_pairs("train", per_domain).values() for pair in domain_pairs]
     pairs = self_distill(model.to(device), tokenizer, pairs, max_new_tokens=96, batch_size=32)
@@ -118,7 +119,8 @@ def train_adapter(out: Path, tokenizer, model, steps: int, per_domain: int = 800
             logging_steps=50, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=device == "cpu", seed=seed,
         )
         trainer = MTPTrainer(model=model, args=args, train_dataset=examples,
-                             data_collator=MTPDataCollator(NUM_MASKS, model.config.vocab_size))
+                             data_collator=MTPDataCollator(NUM_MASKS, model.config.vocab_size),
+                             loss_weights=LossWeights(consistency_reduction=consistency_reduction))
         trainer.train()
     mtp_model.save_adapter(model, out / "adapter")
 
@@ -133,6 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--adapter-steps", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--consistency-reduction", choices=["mean", "sum"], default="mean",
+                        help="the consistency loss over the hidden dimension ('sum': the paper's scale)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where pretraining, self-distillation and adapter training run (default: a GPU if any)")
     args = parser.parse_args(argv)
@@ -146,7 +150,8 @@ def main(argv=None) -> int:
     else:
         model = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
     if "adapter" in stages:
-        train_adapter(args.out, tokenizer, model.eval(), args.adapter_steps, device=args.device)
+        train_adapter(args.out, tokenizer, model.eval(), args.adapter_steps, device=args.device,
+                      consistency_reduction=args.consistency_reduction)
     return 0
 
 

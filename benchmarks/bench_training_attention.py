@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from common import DEVICE, DTYPE, ON_GPU, grid, run
 
 from mtp_model.layout import training_attention_mask
-from mtp_model.training import MTPDataCollator
+from mtp_model.training import MTPDataCollator, flex_block_mask
 from mtp_model.training_attention import TrainingGrid, grid_attention
 
 HEADS, KV_HEADS, HEAD_DIM = grid((32, 8, 128), (4, 2, 16))
@@ -63,18 +63,10 @@ def test_sdpa_dense_mask(benchmark):
 
 @pytest.mark.skipif(not ON_GPU, reason="FlexAttention has no backward on CPU")
 def test_flex_attention_block_mask(benchmark):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     batch, q, k, v = layout_and_inputs()
-    anchor, mask_number, valid = batch["anchor"], batch["mask_number"], batch["valid"]
-
-    def may_attend(b, h, qi, kv):  # the rule of training.attention_inputs
-        sees_regular = (mask_number[b, kv] == 0) & (anchor[b, kv] <= anchor[b, qi])
-        own_block = (anchor[b, kv] == anchor[b, qi]) & (mask_number[b, kv] > 0) & (mask_number[b, kv] <= mask_number[b, qi])
-        return ((sees_regular | own_block) & valid[b, kv] & valid[b, qi]) | (qi == kv)
-
-    L = anchor.shape[1]
-    block_mask = create_block_mask(may_attend, BATCH, None, L, L, device=DEVICE)
+    block_mask = flex_block_mask(batch["anchor"], batch["mask_number"], batch["valid"])
     compiled = torch.compile(flex_attention)
     benchmark.group = "training attention"
     run(benchmark, forward_backward(lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=True), q, k, v))

@@ -29,7 +29,7 @@ class GateContext:
 
     def __init__(self):
         self.gate: torch.Tensor | None = None
-        self._row_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (gate, its row mask)
+        self._row_mask: tuple | None = None  # (gate, input dtype, its row mask)
 
     def set(self, gate: torch.Tensor | None) -> None:
         # A gate with no mask token is the same as no gate; skipping LoRA then keeps the base path exact
@@ -40,9 +40,9 @@ class GateContext:
         """`reference.lora_row_mask(gate, dtype)`, converted once per gate instead of once per linear."""
         # Keyed on the gate object, not on set(): activation checkpointing assigns `gate` directly.
         cached = self._row_mask
-        if cached is None or cached[0] is not self.gate or cached[1].dtype != torch.promote_types(dtype, torch.float32):
-            cached = self._row_mask = (self.gate, reference.lora_row_mask(self.gate, dtype))
-        return cached[1]
+        if cached is None or cached[0] is not self.gate or cached[1] != dtype:
+            cached = self._row_mask = (self.gate, dtype, reference.lora_row_mask(self.gate, dtype))
+        return cached[2]
 
 
 class GatedLoRALinear(nn.Module):

@@ -82,15 +82,19 @@ class MTPDataCollator:
 
 def attention_inputs(model, batch: dict) -> dict:
     """The keyword arguments that give a forward over the batch's layout its attention rule: a FlexAttention
-    BlockMask when the model runs flex_attention (sparse, built from the per-token rule; long sequences on
-    a GPU), otherwise the batch's `TrainingGrid` for `grid_attention` (the same rule without an L x L
-    score matrix)."""
+    BlockMask when the model runs flex_attention (long sequences on a GPU), otherwise the batch's
+    `TrainingGrid` for `grid_attention` (the same rule without an L x L score matrix)."""
     anchor, mask_number, valid = batch["anchor"], batch["mask_number"], batch["valid"]
-    if model.config._attn_implementation.removeprefix(PREFIX) != "flex_attention":
-        # Any 4D tensor tells transformers the mask is prepared: without one it would build a dense [B, 1, L, L]
-        # mask (the position ids look like packed sequences to it) that grid_attention never reads.
-        prepared = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=anchor.device)
-        return {"attention_mask": prepared, "mtp_grid": TrainingGrid.from_layout(anchor, mask_number, valid)}
+    if model.config._attn_implementation.removeprefix(PREFIX) == "flex_attention":
+        return {"attention_mask": flex_block_mask(anchor, mask_number, valid)}
+    # Any 4D tensor tells transformers the mask is prepared: without one it would build a dense [B, 1, L, L]
+    # mask (the position ids look like packed sequences to it) that grid_attention never reads.
+    prepared = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=anchor.device)
+    return {"attention_mask": prepared, "mtp_grid": TrainingGrid.from_layout(anchor, mask_number, valid)}
+
+
+def flex_block_mask(anchor, mask_number, valid):
+    """The layout's rule as a FlexAttention BlockMask (sparse, built from the per-token rule)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def may_attend(b, h, q, kv):
@@ -99,7 +103,7 @@ def attention_inputs(model, batch: dict) -> dict:
         return ((sees_regular | own_block) & valid[b, kv] & valid[b, q]) | (q == kv)
 
     B, L = anchor.shape
-    return {"attention_mask": create_block_mask(may_attend, B, None, L, L, device=anchor.device)}
+    return create_block_mask(may_attend, B, None, L, L, device=anchor.device)
 
 
 def _cross_entropy(lm_head, hidden, labels):

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--consistency-reduction", choices=["mean", "sum"], default="mean")
+    parser.add_argument("--mask-decay", type=float, default=1.0,
+                        help="cross-entropy weight of mask i is DECAY ** (i - 1) (1: the paper's equal weights)")
     return parser
 
 
@@ -85,7 +87,7 @@ def train_main(argv: list[str] | None = None) -> int:
         args=training_args,
         train_dataset=examples,
         data_collator=MTPDataCollator(args.num_masks, model.config.vocab_size),
-        loss_weights=LossWeights(consistency_reduction=args.consistency_reduction),
+        loss_weights=LossWeights(consistency_reduction=args.consistency_reduction, mask_decay=args.mask_decay),
     )
     trainer.train(resume_from_checkpoint=args.resume or None)
     if trainer.args.should_save:

@@ -10,6 +10,8 @@ batch to [B, L]. The loss (`mtp_loss`) is, with weights configurable and 1 by de
 - consistency: squared distance of each mask's last hidden state to the detached hidden state of the
   regular token with the same position in the same sequence, averaged over pairs ("mean" over the hidden
   dimension by default; "sum" gives the paper's loss scale).
+`mask_decay` < 1 weights the cross-entropies of mask i by mask_decay ** (i - 1) (Medusa's per-head decay; the
+paper weights all alike, 1): drafts are accepted as a prefix, so the first masks' accuracy is worth most.
 Attention follows the layout's rule (`attention_inputs`): by default `training_attention.grid_attention`,
 which scores each token only against the keys the rule lets it see, or a FlexAttention BlockMask when the
 model runs `attn_implementation="flex_attention"` (long sequences on a GPU). Only the LoRA factors and the
@@ -42,6 +44,13 @@ class LossWeights:
     sampler: float = 1.0
     consistency: float = 1.0
     consistency_reduction: str = "mean"  # over the hidden dimension: "mean" or "sum"
+    mask_decay: float = 1.0  # cross-entropy weight of mask i: mask_decay ** (i - 1); regular tokens weigh 1
+
+    def __post_init__(self):
+        if self.consistency_reduction not in ("mean", "sum"):
+            raise ValueError(f"consistency_reduction must be 'mean' or 'sum', got {self.consistency_reduction!r}")
+        if not 0.0 < self.mask_decay <= 1.0:
+            raise ValueError(f"mask_decay must be in (0, 1], got {self.mask_decay}")
 
 
 class MTPDataCollator:
@@ -106,13 +115,14 @@ def flex_block_mask(anchor, mask_number, valid):
     return create_block_mask(may_attend, B, None, L, L, device=anchor.device)
 
 
-def _cross_entropy(lm_head, hidden, labels):
-    """Mean CE over labelled rows, computing logits only for them."""
+def _cross_entropy(lm_head, hidden, labels, row_weights):
+    """CE over labelled rows averaged with `row_weights` (same shape as labels), computing logits only for them."""
     rows = labels != IGNORE_INDEX
     if not bool(rows.any()):
         return hidden.sum() * 0.0
-    logits = lm_head(hidden[rows]).float()
-    return F.cross_entropy(logits, labels[rows])
+    losses = F.cross_entropy(lm_head(hidden[rows]).float(), labels[rows], reduction="none")
+    weights = row_weights[rows]
+    return (losses * weights).sum() / weights.sum()
 
 
 def mtp_loss(model, batch: dict, weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict]:
@@ -127,12 +137,13 @@ def mtp_loss(model, batch: dict, weights: LossWeights = LossWeights()) -> tuple[
             **attention_inputs(model, batch),
         ).last_hidden_state
     labels = batch["labels"]
+    row_weights = weights.mask_decay ** (batch["mask_number"] - 1).clamp(min=0).float()
     lm_head = model.get_output_embeddings()
-    base = _cross_entropy(lm_head, hidden, labels)
+    base = _cross_entropy(lm_head, hidden, labels, row_weights)
     previous = model.get_input_embeddings()(batch["previous_ids"]).to(hidden.dtype)
     labelled = labels != IGNORE_INDEX
     sampled = model.mtp.sampler(torch.cat([previous[labelled], hidden[labelled]], dim=-1))
-    sampler = _cross_entropy(lm_head, sampled, labels[labelled])
+    sampler = _cross_entropy(lm_head, sampled, labels[labelled], row_weights[labelled])
 
     target = batch["consistency_target"]
     paired = target >= 0

@@ -95,6 +95,24 @@ def test_loss_terms_and_gradients_reach_only_the_adapter():
     assert with_grad and all(".lora_" in name or name.startswith("mtp.sampler") for name in with_grad)
 
 
+def test_mask_decay_weights_each_mask_s_cross_entropy():
+    model = randomize_adapter(mtp_model.patch(tiny_model(seed=2), mtp_model.MTPConfig(num_masks=3, lora_rank=4)))
+    batch = MTPDataCollator(3, 96)(counting_examples(3, 96))
+    # A vanishing decay leaves only regular tokens and first masks: the same as not labelling masks 2 and 3.
+    _, decayed = mtp_loss(model, batch, LossWeights(mask_decay=1e-7))
+    first_masks_only = dict(batch, labels=batch["labels"].masked_fill(batch["mask_number"] >= 2, -100))
+    _, expected = mtp_loss(model, first_masks_only)
+    for term in ("loss_base", "loss_sampler"):
+        assert abs(decayed[term] - expected[term]) < 1e-4 * expected[term]
+    _, plain = mtp_loss(model, batch)
+    assert abs(plain["loss_sampler"] - expected["loss_sampler"]) > 1e-3 * expected["loss_sampler"]  # they counted
+    assert decayed["loss_consistency"] == plain["loss_consistency"]
+    with pytest.raises(ValueError, match="mask_decay"):
+        LossWeights(mask_decay=0.0)
+    with pytest.raises(ValueError, match="consistency_reduction"):
+        LossWeights(consistency_reduction="max")
+
+
 def _train(model, examples, tmp_path, steps, lr=5e-3, **kwargs):
     options = dict(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,

@@ -3,11 +3,12 @@
 Each line is either `{"messages": [{"role": ..., "content": ...}, ...]}` (the last message is the response,
 everything before it the prompt) or `{"prompt": ..., "response": ...}`. With a chat template the prompt is
 rendered by the tokenizer's template with the generation prompt; without one it is the plain prompt text.
-The response is followed by EOS. Examples are `{"input_ids": [n], "loss_mask": [n]}` (True on response
-tokens), the input of `training.MTPDataCollator`.
+The response is followed by EOS, unless the pair is a triple (prompt, response, False): a continuation
+cut at a token budget, after which the model would not have stopped. Examples are
+`{"input_ids": [n], "loss_mask": [n]}` (True on response tokens), the input of `training.MTPDataCollator`.
 
 `self_distill` replaces every response by the base model's own greedy continuation of the prompt, so the
-drafts learn what the model will actually say.
+drafts learn what the model will actually say; it returns (prompt, response, stopped) triples.
 """
 
 from __future__ import annotations
@@ -58,16 +59,18 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
 
 
 def tokenize_pairs(tokenizer, pairs, max_length: int) -> list[dict]:
-    """Examples for the collator; empty responses are skipped and long ones truncated, each with a warning."""
+    """Examples for the collator from (prompt, response) pairs or (prompt, response, ends_with_eos) triples;
+    empty responses are skipped and long ones truncated, each with a warning."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     examples, empty, truncated = [], 0, 0
-    for prompt, response in pairs:
+    for prompt, response, *stopped in pairs:
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         if not response_ids:
             empty += 1
             continue
         ids = prompt_ids(tokenizer, prompt)
-        full = ids + response_ids + eos
+        # A cut continuation ends without EOS: its last masks get no label rather than a made-up stop.
+        full = ids + response_ids + (eos if not stopped or stopped[0] else [])
         loss_mask = [False] * len(ids) + [True] * (len(full) - len(ids))
         if len(full) > max_length:
             truncated += 1
@@ -86,12 +89,16 @@ def tokenize_pairs(tokenizer, pairs, max_length: int) -> list[dict]:
 
 @torch.no_grad()
 def self_distill(model, tokenizer, pairs, max_new_tokens: int, batch_size: int = 8) -> list[tuple]:
-    """The same prompts with the model's own greedy responses (run before patching, or on stock generate)."""
+    """(prompt, the model's own greedy response, whether it stopped at EOS before max_new_tokens) for each
+    pair's prompt (run before patching, or on stock generate)."""
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first")
         tokenizer.pad_token = tokenizer.eos_token
     generate = type(model).generate  # stock greedy even on a patched model
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    stop_ids = {i for i in [*configured, tokenizer.eos_token_id] if i is not None}  # what generate stops at
     distilled = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -105,7 +112,9 @@ def self_distill(model, tokenizer, pairs, max_new_tokens: int, batch_size: int =
         device = model.get_input_embeddings().weight.device
         out = generate(model, input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                        do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for (prompt, _), continuation in zip(chunk, out[:, width:].tolist()):
-            text = tokenizer.decode(continuation, skip_special_tokens=True)
-            distilled.append((prompt, text))
+        for (prompt, *_), continuation in zip(chunk, out[:, width:].tolist()):
+            stop = next((i for i, token in enumerate(continuation) if token in stop_ids), None)
+            stopped = stop is not None
+            continuation = continuation[:stop]
+            distilled.append((prompt, tokenizer.decode(continuation, skip_special_tokens=True), stopped))
     return distilled

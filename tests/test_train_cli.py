@@ -93,4 +93,21 @@ def test_self_distillation_uses_the_models_greedy_output():
     ids = torch.tensor([tokenizer("w1 w2")["input_ids"]])
     greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                             pad_token_id=tokenizer.eos_token_id)
-    assert distilled[0] == ("w1 w2", tokenizer.decode(greedy[0, 2:], skip_special_tokens=True))
+    assert distilled[0] == ("w1 w2", tokenizer.decode(greedy[0, 2:], skip_special_tokens=True), False)
+
+
+def test_a_continuation_cut_at_its_budget_gets_no_eos():
+    # Cut by max_new_tokens, the model would have gone on: an EOS there would teach the drafts a stop.
+    tokenizer = tiny_tokenizer()
+    cut, stopped = tokenize_pairs(tokenizer, [("w1", "w2 w3", False), ("w1", "w2 w3", True)], max_length=16)
+    assert tokenizer.convert_ids_to_tokens(cut["input_ids"].tolist()) == ["w1", "w2", "w3"]
+    assert tokenizer.convert_ids_to_tokens(stopped["input_ids"].tolist()) == ["w1", "w2", "w3", "<eos>"]
+    model = tiny_model(vocab_size=len(WORDS))
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([tokenizer("w1 w2")["input_ids"]])
+    greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                            pad_token_id=0)[0, 2:].tolist()
+    stop = next(i for i in range(1, 8) if greedy[i] not in greedy[:i])
+    model.generation_config.eos_token_id = greedy[stop]  # a model that stops where it said greedy[stop]
+    [(_, response, stopped)] = self_distill(model, tokenizer, [("w1 w2", "")], max_new_tokens=8)
+    assert stopped and response == tokenizer.decode(greedy[:stop])

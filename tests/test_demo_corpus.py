@@ -13,6 +13,21 @@ def test_split_by_file_is_disjoint_and_stable():
     assert heldout == corpus.stdlib_files("heldout")
 
 
+def test_adapter_split_is_what_pretraining_never_read():
+    adapter = corpus.stdlib_files("adapter")
+    assert adapter and set(adapter) < set(corpus.stdlib_files("train"))
+    pretraining = set(corpus.pretraining_text())
+    for path in adapter[:: max(1, len(adapter) // 20)]:
+        assert path.read_text(encoding="utf-8") not in pretraining, path
+    function_prompts = [prompt for prompt, _ in corpus.prompt_pairs("adapter", 300)["code"]]
+    assert not any(prompt in text for prompt in function_prompts[::30] for text in pretraining)
+    problems = corpus.math_pairs("adapter", 3000)
+    assert len(set(problems)) == len(problems)
+    assert not set(problems) & (set(corpus.math_pairs("train", corpus.MATH_TRAIN_COUNT)) | set(corpus.math_pairs("heldout", 1000)))
+    with pytest.raises(ValueError, match="'adapter' or the 'heldout'"):
+        corpus.prompt_pairs("train", 10)
+
+
 def test_heldout_math_is_seeded_correct_and_unseen_in_pretraining():
     pairs = corpus.math_pairs("heldout", 200)
     assert pairs == corpus.math_pairs("heldout", 200)
@@ -24,11 +39,11 @@ def test_heldout_math_is_seeded_correct_and_unseen_in_pretraining():
 
 
 def test_math_prompts_continue_like_the_pretraining_documents():
-    (prompt, response), = corpus.prompt_pairs("train", 1)["math"]
-    assert prompt + response == corpus.math_document(*corpus.math_pairs("train", 1)[0])
+    (prompt, response), = corpus.prompt_pairs("adapter", 1)["math"]
+    assert prompt + response == corpus.math_document(*corpus.math_pairs("adapter", 1)[0])
 
 
-@pytest.mark.parametrize("split", ["train", "heldout"])
+@pytest.mark.parametrize("split", ["adapter", "heldout"])
 def test_pairs_split_at_a_pretokenizer_boundary(split):
     # BPE merges never cross pre-token boundaries, so a cut at one tokenizes apart exactly as joined.
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)

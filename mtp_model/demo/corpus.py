@@ -4,9 +4,9 @@ Three domains:
 - code: Python source of the standard library (held out by file, from a hash of the path);
 - math: step-by-step arithmetic and small word problems from a seeded generator;
 - prose: docstrings of the standard library (same file split as code).
-Three splits: "train" (what `pretraining_text` reads: the leading train files' code and docstrings, the
-first MATH_TRAIN_COUNT problems), "adapter" (the train files and problems pretraining never read) and
-"heldout" (files and problems disjoint from both). `prompt_pairs` gives prompt/response pairs (a
+Three splits: "train" (every file not held out; `pretraining_text` reads the leading ones' code and
+docstrings, and the first MATH_TRAIN_COUNT problems), "adapter" (the train files and problems that
+pretraining never reads) and "heldout" (files and problems disjoint from both). `prompt_pairs` gives prompt/response pairs (a
 function's first lines -> its body, a problem -> its worked solution, a docstring's first sentence -> the
 rest) of the adapter split for self-distillation and of the held-out split for evaluation. The adapter
 split matters: self-distilled on text the base model has memorised, the drafts learn to recall that text,

@@ -18,6 +18,7 @@ stops, with the same padding after them.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -177,6 +178,12 @@ def _check_prompt(model, input_ids, attention_mask):
     return input_ids.long(), attention_mask
 
 
+def _cache_keyword(decoder) -> str:
+    """The name the decoder's forward takes its KV cache under: transformers 5.23 renamed past_key_values
+    to cache and warns on the old name; earlier 5.x releases know only the old one."""
+    return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
+
+
 class _Decoder:
     """One generate call's state: the model, the step layout and the choice of tokens."""
 
@@ -195,6 +202,7 @@ class _Decoder:
         # The step's token ids with masks filled in; regular slots are overwritten every step.
         template = self.vocab_size + self.layout.mask_number - 1
         self.step_template = template.masked_fill(self.layout.mask_number == 0, 0)
+        self.cache_keyword = _cache_keyword(model.model)
 
     # --- one forward ----------------------------------------------------------------------------------
 
@@ -204,7 +212,7 @@ class _Decoder:
             output = self.model.model(
                 inputs_embeds=embed_tokens(self.model, ids),
                 position_ids=positions,
-                past_key_values=cache,
+                **{self.cache_keyword: cache},
                 use_cache=True,
                 attention_mask=block_mask[None, None],  # a ready 4D mask: transformers builds none
                 mtp_step=cache.step_attention(block_mask),

@@ -36,6 +36,7 @@ ENV_VAR = "MTP_KERNELS"
 
 try:
     import triton
+    from triton.runtime import interpreter as triton_interpreter
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -66,7 +67,7 @@ def triton_can_drive_cuda() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
@@ -78,7 +79,7 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if tensor.is_cuda:
         if triton_can_drive_cuda():
             return True
-        _warn_once("mtp_kernels: Triton cannot launch on this GPU; using the torch reference ops")
+        warn_once("mtp_kernels: Triton cannot launch on this GPU; using the torch reference ops")
         return False
     if requested == "interpret":
         if not HAS_TRITON:
@@ -98,8 +99,29 @@ if HAS_TRITON:
             interpreted = self.__dict__.get("_mtp_interpreted")
             if interpreted is None:
                 interpreted = self.__dict__["_mtp_interpreted"] = InterpretedFunction(self.fn)
-            return interpreted(*args, **kwargs)
+            return _call_interpreted_helper(interpreted, args, kwargs)
         return _stock_jit_call(self, *args, **kwargs)
+
+    def _call_interpreted_helper(interpreted, args, kwargs):
+        # InterpretedFunction.__call__ patches triton.language for the helper (`_patch_lang`) and, in Triton
+        # 3.9, never undoes it: triton.language.core's functions stay patched after the kernel ends, and the
+        # next compilation in the process fails inside them. Undo the helper's patches when it returns.
+        stock_patch_lang = triton_interpreter._patch_lang
+        scopes = []
+
+        def patch_lang(fn):
+            scope = stock_patch_lang(fn)
+            scopes.append(scope)
+            return scope
+
+        triton_interpreter._patch_lang = patch_lang
+        try:
+            return interpreted(*args, **kwargs)
+        finally:
+            triton_interpreter._patch_lang = stock_patch_lang
+            for scope in reversed(scopes):
+                if hasattr(scope, "restore"):  # releases before the patch scopes restored nothing either
+                    scope.restore()
 
     _stock_jit_call = JITFunction.__call__
     if JITFunction.__call__.__name__ != _call_jit_function.__name__:  # once, even if reloaded

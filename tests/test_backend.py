@@ -49,6 +49,28 @@ def test_interpreted_kernel_with_jit_helpers_runs_on_cpu():
     torch.testing.assert_close(y, x.float() * 2 + 1)
 
 
+@backend.triton_kernel
+def _max_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n, other=float("-inf"))
+    tl.store(y_ptr, tl.max(_twice(x), axis=0))  # tl.max: one of Triton's own @jit helpers
+
+
+def test_interpreting_a_kernel_leaves_triton_language_as_it_was():
+    """The interpreter patches triton.language while a kernel and its helpers run; what a helper patched
+    must be undone too, or compiling a kernel later in the process fails inside the patched functions."""
+    namespaces = [tl, tl.core, tl.math, tl.core.tensor, tl.core.dtype]
+    before = [dict(vars(namespace)) for namespace in namespaces]
+    x = torch.randn(21)
+    y = torch.empty(1)
+    _max_kernel[(1,)](x, y, 21, BLOCK=32)
+    assert y.item() == 2 * x.max().item()
+    after = [dict(vars(namespace)) for namespace in namespaces]
+    for namespace, old, new in zip(namespaces, before, after):
+        changed = [name for name in old.keys() | new.keys() if old.get(name) is not new.get(name)]
+        assert not changed, f"{namespace}: {sorted(changed)[:5]} still patched"
+
+
 def test_interpreter_choice_does_not_leak_to_the_process():
     # Other Triton users in the process must still get compiled kernels.
     assert os.environ.get("TRITON_INTERPRET") in (None, "0", "")

@@ -2,10 +2,12 @@
 
 Each op runs compiled Triton (or the CUDA extension) on CUDA tensors and the torch reference on CPU
 tensors; `MTP_KERNELS=interpret` runs the Triton kernels through Triton's interpreter instead
-(see `mtp_kernels.backend`).
+(see `mtp_kernels.backend`). `prepacked_linear` is the CPU's counterpart for decoding's short products:
+oneDNN on weights packed once.
 """
 
 from mtp_kernels import backend, reference
+from mtp_kernels.cpu_linear import prepacked_linear
 from mtp_kernels.gated_lora import gated_lora_linear
 from mtp_kernels.kv_compact import kv_compact
 from mtp_kernels.sampler import SamplingParams, accept_greedy, accept_sampling, choose_tokens, draft_chain
@@ -20,6 +22,7 @@ __all__ = [
     "draft_chain",
     "gated_lora_linear",
     "kv_compact",
+    "prepacked_linear",
     "reference",
     "tree_attention",
 ]

@@ -52,7 +52,11 @@ def masked_lora_linear(x, weight, bias, lora_a, lora_b, scaling, row_mask):
 
     Callers that run many linears under one gate (a patched model's forward) convert the gate once.
     """
-    out = F.linear(x, weight, bias)
+    return add_masked_lora(F.linear(x, weight, bias), x, lora_a, lora_b, scaling, row_mask)
+
+
+def add_masked_lora(out, x, lora_a, lora_b, scaling, row_mask):
+    """`out + scaling * row_mask * (x A^T) B^T` for `out` = x's fresh base product [..., out_features]."""
     x2d = x.reshape(-1, x.shape[-1])
     if out.dtype == row_mask.dtype:
         # In place on the fresh output (its autograd node does not need it): no copy.

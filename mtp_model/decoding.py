@@ -10,9 +10,10 @@ Shapes: input_ids / attention_mask [B, P] (left padding), k masks, T tokens per 
    token after it. The next drafts come from the mask block after the last accepted token, seeded with
    the bonus. Only the anchor's and the accepted drafts' KV is kept (`MTPCache.keep`).
 Regular tokens never see mask tokens and their linears run without LoRA (gate 0), so their outputs are the
-base model's: greedy output is stock greedy output, and sampling follows the model's distribution through
-the lossless acceptance rule. Rows stop on their own (EOS, max_new_tokens), exactly where stock generation
-stops, with the same padding after them.
+base model's (up to rounding: a step multiplies T rows at once, on the CPU through oneDNN's prepacked
+weights, where stock decoding multiplies one row): greedy output is stock greedy output, and sampling
+follows the model's distribution through the lossless acceptance rule. Rows stop on their own (EOS,
+max_new_tokens), exactly where stock generation stops, with the same padding after them.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ class _Decoder:
 
     def forward(self, ids, positions, cache, block_mask):
         """[B, T] ids (masks included) at [B, T] positions -> last hidden states [B, T, d]."""
-        with gate_context(self.model, ids >= self.vocab_size):
+        with gate_context(self.model, ids >= self.vocab_size, prepacked=True):
             output = self.model.model(
                 inputs_embeds=embed_tokens(self.model, ids),
                 position_ids=positions,

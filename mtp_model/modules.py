@@ -2,12 +2,15 @@
 
 - `GateContext`: one per patched model; the model layer sets `gate` [B, S] bool (True on mask tokens)
   once per forward, and every `GatedLoRALinear` of the model reads it. `gate=None` means no mask token in
-  this forward: every linear is exactly its base layer.
+  this forward: every linear is exactly its base layer. `prepacked=True` (decoding's forwards) lets fp32
+  base products on the CPU run through oneDNN on prepacked weights (`mtp_kernels.cpu_linear`), 1.5-3x
+  faster for a step's few rows and equal to F.linear up to fp32 rounding.
 - `GatedLoRALinear(base, rank, alpha, context)`: `base(x) + alpha / rank * gate * B(A(x))`. Weights use
   peft's names (`lora_A.weight` [r, in], `lora_B.weight` [out, r], B zero-initialised) so adapters save
-  and load in peft's layout. Where the op would run its torch reference (CPU), the module calls
-  `reference.masked_lora_linear` itself: no per-call input checks, and the gate converted to a row mask
-  once per forward (`GateContext.row_mask`) instead of once per linear. Same result, bit for bit.
+  and load in peft's layout. Where the op would run its torch reference (CPU), the module computes the
+  same thing itself (`reference.add_masked_lora` on the base product): no per-call input checks, and the
+  gate converted to a row mask once per forward (`GateContext.row_mask`) instead of once per linear. Same
+  result as the op, bit for bit, unless the context is `prepacked`.
 - `SamplerHead(hidden_size)`: `[embed(prev); z]` [N, 2d] -> Linear -> SiLU -> LayerNorm -> Linear -> SiLU
   -> LayerNorm -> [N, d]; its output goes through the model's own LM head.
 - `MTPHead`: holds the mask embeddings [k, d] and the sampler, registered on the model as `model.mtp`.
@@ -18,10 +21,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import mtp_kernels
 from mtp_kernels import backend, reference
+from mtp_kernels.cpu_linear import prepacked_linear
 
 
 class GateContext:
@@ -29,12 +34,14 @@ class GateContext:
 
     def __init__(self):
         self.gate: torch.Tensor | None = None
+        self.prepacked = False
         self._row_mask: tuple | None = None  # (gate, input dtype, its row mask)
 
-    def set(self, gate: torch.Tensor | None) -> None:
+    def set(self, gate: torch.Tensor | None, prepacked: bool = False) -> None:
         # A gate with no mask token is the same as no gate; skipping LoRA then keeps the base path exact
         # and free.
         self.gate = gate if gate is not None and bool(gate.any()) else None
+        self.prepacked = prepacked
 
     def row_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """`reference.lora_row_mask(gate, dtype)`, converted once per gate instead of once per linear."""
@@ -88,7 +95,9 @@ class GatedLoRALinear(nn.Module):
         if gate.shape != x.shape[:-1]:
             raise ValueError(f"the gate has shape {tuple(gate.shape)} but x's leading shape is {tuple(x.shape[:-1])}")
         row_mask = context.row_mask(x.dtype)
-        return reference.masked_lora_linear(x, base, self.base_layer.bias, lora_a, lora_b, self.scaling, row_mask)
+        linear = prepacked_linear if context.prepacked else F.linear
+        out = linear(x, base, self.base_layer.bias)
+        return reference.add_masked_lora(out, x, lora_a, lora_b, self.scaling, row_mask)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"

@@ -147,9 +147,10 @@ def embed_tokens(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def gate_context(model, gate: torch.Tensor | None):
-    """Sets the gated-LoRA gate ([B, S] bool, True on mask tokens) for the forwards inside the block."""
-    model.mtp_gate.set(gate)
+def gate_context(model, gate: torch.Tensor | None, prepacked: bool = False):
+    """Sets the gated-LoRA gate ([B, S] bool, True on mask tokens) for the forwards inside the block;
+    `prepacked` lets their fp32 CPU base products use oneDNN's prepacked weights (inference only)."""
+    model.mtp_gate.set(gate, prepacked)
     try:
         yield
     finally:

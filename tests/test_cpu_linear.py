@@ -1,0 +1,105 @@
+"""prepacked_linear: oneDNN on a packed weight where it applies, F.linear exactly everywhere else."""
+
+import contextlib
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mtp_model
+from mtp_kernels import backend, cpu_linear
+from mtp_kernels.cpu_linear import prepacked_linear
+from tests.helpers import tiny_model
+
+pytestmark = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN")
+
+
+def fp64_linear(x, weight, bias):
+    out = x.double() @ weight.double().t()
+    return out if bias is None else out + bias.double()
+
+
+@pytest.mark.parametrize("lead", [(1,), (3,), (25,), (81,), (2, 13), (1, 7, 3)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_a_float64_product(lead, with_bias):
+    x = torch.randn(*lead, 37)
+    weight = torch.randn(53, 37)
+    bias = torch.randn(53) if with_bias else None
+    with torch.no_grad():
+        out = prepacked_linear(x, weight, bias)
+    assert out.shape == (*lead, 53) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), fp64_linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_takes_strided_inputs():
+    wide = torch.randn(9, 80)
+    x = wide[:, ::2]  # [9, 40], not contiguous
+    weight = torch.randn(24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(prepacked_linear(x, weight).double(), fp64_linear(x, weight, None), rtol=1e-5, atol=1e-4)
+
+
+def test_the_packed_copy_is_kept_rebuilt_on_change_and_freed_with_the_weight():
+    weight = torch.randn(16, 8)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        first = prepacked_linear(x, weight)
+        packed = cpu_linear._packed[id(weight)][2]
+        prepacked_linear(x, weight)
+        assert cpu_linear._packed[id(weight)][2] is packed  # reused, not repacked
+        weight.mul_(2)  # in place: the version changes, so the copy is rebuilt
+        torch.testing.assert_close(prepacked_linear(x, weight), 2 * first)
+        assert cpu_linear._packed[id(weight)][2] is not packed
+    key = id(weight)
+    del weight, packed
+    gc.collect()
+    assert key not in cpu_linear._packed
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # said by mkldnn.flags itself
+@pytest.mark.parametrize(
+    "case", ["grad", "float16", "bfloat16", "float64", "reference_mode", "onednn_disabled"]
+)
+def test_is_f_linear_bit_for_bit_where_packing_does_not_apply(monkeypatch, case):
+    dtype = getattr(torch, case) if case.startswith(("float", "bfloat")) else torch.float32
+    x = torch.randn(6, 20, dtype=dtype)
+    weight = torch.randn(12, 20, dtype=dtype, requires_grad=case == "grad")
+    if case == "reference_mode":
+        monkeypatch.setenv(backend.ENV_VAR, "reference")
+    expected = F.linear(x, weight)
+    if case == "grad":
+        out = prepacked_linear(x, weight)
+        assert out.requires_grad and torch.equal(out, expected)
+        return
+    disabled = torch.backends.mkldnn.flags(enabled=False) if case == "onednn_disabled" else contextlib.nullcontext()
+    with torch.no_grad(), disabled:
+        assert torch.equal(prepacked_linear(x, weight), expected)
+
+
+def test_a_build_without_onednn_warns_once_and_uses_f_linear(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
+    backend.warn_once.cache_clear()
+    x, weight = torch.randn(4, 8), torch.randn(3, 8)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="oneDNN"):
+        out = prepacked_linear(x, weight)
+    assert torch.equal(out, F.linear(x, weight))
+    backend.warn_once.cache_clear()
+
+
+def test_a_wrong_width_is_named():
+    with torch.no_grad(), pytest.raises(ValueError, match="features"):
+        prepacked_linear(torch.randn(4, 9), torch.randn(3, 8))
+
+
+def test_decoding_runs_its_projections_prepacked_and_ordinary_forwards_do_not(monkeypatch):
+    model = mtp_model.patch(tiny_model(), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+    calls = []
+    original = cpu_linear._packed_weight
+    monkeypatch.setattr(cpu_linear, "_packed_weight", lambda weight: calls.append(weight) or original(weight))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        model(ids)
+    assert not calls
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert calls and not model.mtp_gate.prepacked  # the decoding forwards packed; the flag does not leak

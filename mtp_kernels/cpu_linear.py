@@ -49,7 +49,7 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    if backend.mode() == "reference" or not torch.backends.mkldnn.is_available() or not torch._C._get_mkldnn_enabled():
+    if backend.mode() == "reference" or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
         return False
     if not onednn_available():
         backend.warn_once("mtp_kernels: this torch build cannot run oneDNN linears; CPU decoding uses F.linear")

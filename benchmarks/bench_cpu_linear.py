@@ -31,7 +31,8 @@ GRID = pytest.mark.parametrize(("shape", "rows"), CASES, ids=[f"{i}to{o}-{r}rows
 def inputs(shape, rows):
     in_features, out_features = shape
     generator = torch.Generator().manual_seed(rows)
-    return torch.randn(rows, in_features, generator=generator), torch.randn(out_features, in_features, generator=generator)
+    x = torch.randn(rows, in_features, generator=generator)
+    return x, torch.randn(out_features, in_features, generator=generator)
 
 
 def median_seconds(fn, *args, repeats=50):
@@ -59,4 +60,5 @@ def test_prepacked_linear(benchmark, shape, rows):
         torch.testing.assert_close(prepacked_linear(x, weight), F.linear(x, weight), rtol=1e-4, atol=1e-3)
         run(benchmark, prepacked_linear, x, weight)
         if not benchmark.disabled:
-            benchmark.extra_info["vs_f_linear"] = median_seconds(F.linear, x, weight) / median_seconds(prepacked_linear, x, weight)
+            ratio = median_seconds(F.linear, x, weight) / median_seconds(prepacked_linear, x, weight)
+            benchmark.extra_info["vs_f_linear"] = ratio

@@ -37,7 +37,8 @@ def test_takes_strided_inputs():
     x = wide[:, ::2]  # [9, 40], not contiguous
     weight = torch.randn(24, 40)
     with torch.no_grad():
-        torch.testing.assert_close(prepacked_linear(x, weight).double(), fp64_linear(x, weight, None), rtol=1e-5, atol=1e-4)
+        out = prepacked_linear(x, weight)
+    torch.testing.assert_close(out.double(), fp64_linear(x, weight, None), rtol=1e-5, atol=1e-4)
 
 
 def test_the_packed_copy_is_kept_rebuilt_on_change_and_freed_with_the_weight():

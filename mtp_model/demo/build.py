@@ -14,7 +14,9 @@ step); the step counts are the knobs.
 `--device` picks where the training runs (a GPU when there is one); every device is seeded, but their
 numbers differ in rounding. `--consistency-reduction sum` (the paper's loss scale) made the consistency
 term ~100x the cross-entropies and the drafts worse on held-out math (2.98 against 3.74 tokens per step
-at 8 masks; code 3.49 against 3.56), so the default stays "mean".
+at 8 masks; code 3.49 against 3.56), so the default stays "mean". `--mask-decay 0.8` (later masks' cross-
+entropies down-weighted) changed tokens per step at 8 masks on all 20 held-out prompts per domain by less
+than noise (code 3.81 against 3.79, math 4.12 against 4.08, prose 3.52 against 3.52): the default stays 1.
 """
 
 from __future__ import annotations

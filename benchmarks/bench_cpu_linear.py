@@ -9,13 +9,11 @@ back in the same test.
 """
 
 import itertools
-import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from common import run
+from common import median_seconds, run
 
 from mtp_kernels import cpu_linear
 from mtp_kernels.cpu_linear import prepacked_linear
@@ -35,15 +33,6 @@ def inputs(shape, rows):
     return x, torch.randn(out_features, in_features, generator=generator)
 
 
-def median_seconds(fn, *args, repeats=50):
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up (and packs)
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
 @GRID
 def test_f_linear(benchmark, shape, rows):
     x, weight = inputs(shape, rows)
@@ -60,5 +49,5 @@ def test_prepacked_linear(benchmark, shape, rows):
         torch.testing.assert_close(prepacked_linear(x, weight), F.linear(x, weight), rtol=1e-4, atol=1e-3)
         run(benchmark, prepacked_linear, x, weight)
         if not benchmark.disabled:
-            ratio = median_seconds(F.linear, x, weight) / median_seconds(prepacked_linear, x, weight)
-            benchmark.extra_info["vs_f_linear"] = ratio
+            baseline = median_seconds(F.linear, x, weight, repeats=50)
+            benchmark.extra_info["vs_f_linear"] = baseline / median_seconds(prepacked_linear, x, weight, repeats=50)

@@ -8,12 +8,10 @@ timed back to back in the same test.
 """
 
 import itertools
-import statistics
-import time
 
 import pytest
 import torch
-from common import DEVICE, DTYPE, ON_GPU, grid, run
+from common import DEVICE, DTYPE, grid, median_seconds, run
 
 import mtp_kernels
 
@@ -47,18 +45,6 @@ def peft_layer(linear, a, b):
         layer.lora_A["default"].weight.copy_(a)
         layer.lora_B["default"].weight.copy_(b)
     return layer
-
-
-def median_seconds(fn, *args, repeats=20):
-    """Median time of fn(*args), synchronised as `run` times it."""
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up
-        start = time.perf_counter()
-        fn(*args)
-        if ON_GPU:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
 
 
 def group(shape, rows, rank):

@@ -4,6 +4,9 @@ On a GPU every benchmark runs its full grid (Llama-3-8B shapes); on CPU a tiny g
 `pytest benchmarks --benchmark-disable` smoke-runs every benchmark in seconds.
 """
 
+import statistics
+import time
+
 import torch
 
 ON_GPU = torch.cuda.is_available()
@@ -26,6 +29,18 @@ def run(benchmark, fn, *args, **kwargs):
 
     call()  # warm-up: compilation and autotuning stay out of the timing
     return benchmark(call)
+
+
+def median_seconds(fn, *args, repeats=20):
+    """Median time of fn(*args), synchronised as `run` times it."""
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        start = time.perf_counter()
+        fn(*args)
+        if ON_GPU:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def device_name() -> str:

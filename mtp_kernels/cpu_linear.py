@@ -14,7 +14,8 @@ The packed copy costs one more copy of each weight it serves; it lives as long a
 rebuilt when the weight changes (in-place updates bump its version; `.to()` gives a new tensor).
 `prepacked_linear` is plain `F.linear` where packing does not apply: autograd on, a dtype other than
 fp32, a non-CPU tensor, `MTP_KERNELS=reference`, oneDNN disabled (`torch.backends.mkldnn.flags`) or
-missing from this torch build (one warning).
+missing from this torch build (one warning). Decoding asks `packing_applies` once per generate call and
+then calls `linear_on_packed`, which checks nothing, in each of its projections.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ def onednn_available() -> bool:
         return False
 
 
-def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+def packing_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether fp32 products on `device` may run on packed weights here: a CPU, fp32, not
+    `MTP_KERNELS=reference`, oneDNN built in (else one warning) and enabled."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32 or backend.mode() == "reference":
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    if backend.mode() == "reference" or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+    if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
         return False
     if not onednn_available():
         backend.warn_once("mtp_kernels: this torch build cannot run oneDNN linears; CPU decoding uses F.linear")
@@ -70,8 +71,15 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, through oneDNN on a packed copy of `weight` where that applies."""
-    if not _applies(x, weight):
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if needs_grad or x.dtype != weight.dtype or not packing_applies(x.device, x.dtype):
         return F.linear(x, weight, bias)
     if x.shape[-1] != weight.shape[1]:  # oneDNN's own message would not name the problem
         raise ValueError(f"x has {x.shape[-1]} features but the weight takes {weight.shape[1]}")
+    return linear_on_packed(x, weight, bias)
+
+
+def linear_on_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`prepacked_linear` without its checks, for a caller that made them once for many products (a
+    decoding forward: no autograd, fp32 CPU tensors, `packing_applies`)."""
     return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight), bias, "none", [], "")

@@ -28,6 +28,7 @@ from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import mtp_kernels
+from mtp_kernels.cpu_linear import packing_applies
 from mtp_kernels.reference import lm_head_logits
 from mtp_kernels.sampler import SamplingParams
 from mtp_model.attention import MTPCache
@@ -204,12 +205,14 @@ class _Decoder:
         template = self.vocab_size + self.layout.mask_number - 1
         self.step_template = template.masked_fill(self.layout.mask_number == 0, 0)
         self.cache_keyword = _cache_keyword(model.model)
+        # Decided once per call, so that the projections of every forward skip prepacked_linear's checks.
+        self.prepacked = packing_applies(self.device, model.dtype)
 
     # --- one forward ----------------------------------------------------------------------------------
 
     def forward(self, ids, positions, cache, block_mask):
         """[B, T] ids (masks included) at [B, T] positions -> last hidden states [B, T, d]."""
-        with gate_context(self.model, ids >= self.vocab_size, prepacked=True):
+        with gate_context(self.model, ids >= self.vocab_size, prepacked=self.prepacked):
             output = self.model.model(
                 inputs_embeds=embed_tokens(self.model, ids),
                 position_ids=positions,

@@ -2,9 +2,10 @@
 
 - `GateContext`: one per patched model; the model layer sets `gate` [B, S] bool (True on mask tokens)
   once per forward, and every `GatedLoRALinear` of the model reads it. `gate=None` means no mask token in
-  this forward: every linear is exactly its base layer. `prepacked=True` (decoding's forwards) lets fp32
-  base products on the CPU run through oneDNN on prepacked weights (`mtp_kernels.cpu_linear`), 1.5-3x
-  faster for a step's few rows and equal to F.linear up to fp32 rounding.
+  this forward: every linear is exactly its base layer. `prepacked=True` (decoding's forwards, once
+  `cpu_linear.packing_applies`) runs the base products through oneDNN on prepacked weights
+  (`mtp_kernels.cpu_linear`), 1.5-3x faster for a step's few rows and equal to F.linear up to fp32
+  rounding; it is for inference only (no autograd).
 - `GatedLoRALinear(base, rank, alpha, context)`: `base(x) + alpha / rank * gate * B(A(x))`. Weights use
   peft's names (`lora_A.weight` [r, in], `lora_B.weight` [out, r], B zero-initialised) so adapters save
   and load in peft's layout. Where the op would run its torch reference (CPU), the module computes the
@@ -26,7 +27,7 @@ from torch import nn
 
 import mtp_kernels
 from mtp_kernels import backend, reference
-from mtp_kernels.cpu_linear import prepacked_linear
+from mtp_kernels.cpu_linear import linear_on_packed
 
 
 class GateContext:
@@ -95,7 +96,7 @@ class GatedLoRALinear(nn.Module):
         if gate.shape != x.shape[:-1]:
             raise ValueError(f"the gate has shape {tuple(gate.shape)} but x's leading shape is {tuple(x.shape[:-1])}")
         row_mask = context.row_mask(x.dtype)
-        linear = prepacked_linear if context.prepacked else F.linear
+        linear = linear_on_packed if context.prepacked and base.dtype == torch.float32 else F.linear
         out = linear(x, base, self.base_layer.bias)
         return reference.add_masked_lora(out, x, lora_a, lora_b, self.scaling, row_mask)
 

@@ -158,7 +158,11 @@ def race(probs_or_logits_filtered, noise, exclude=None):
 def choose_tokens(hidden, weight, temperature=0.0, top_k=None, top_p=None, noise=None):
     """The token each row picks from `lm_head(hidden)`: argmax when temperature is 0 (ties go to the
     lowest index), else a sample via the exponential race with the given Exp(1) noise."""
-    logits = lm_head_logits(hidden, weight)
+    return choose_from_logits(lm_head_logits(hidden, weight), temperature, top_k, top_p, noise)
+
+
+def choose_from_logits(logits, temperature=0.0, top_k=None, top_p=None, noise=None):
+    """`choose_tokens` on fp32 logits [N, V] already computed."""
     if not temperature:
         return logits.argmax(dim=-1)
     return race(filter_logits(logits, temperature, top_k, top_p), noise)

@@ -11,7 +11,7 @@ Shapes: input_ids / attention_mask [B, P] (left padding), k masks, T tokens per 
    the bonus. Only the anchor's and the accepted drafts' KV is kept (`MTPCache.keep`).
 Regular tokens never see mask tokens and their linears run without LoRA (gate 0), so their outputs are the
 base model's (up to rounding: a step multiplies T rows at once, on the CPU through oneDNN's prepacked
-weights, where stock decoding multiplies one row): greedy output is stock greedy output, and sampling
+weights, LM head included, where stock decoding multiplies one row): greedy output is stock greedy output, and sampling
 follows the model's distribution through the lossless acceptance rule. Rows stop on their own (EOS,
 max_new_tokens), exactly where stock generation stops, with the same padding after them.
 """
@@ -28,7 +28,7 @@ from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import mtp_kernels
-from mtp_kernels.cpu_linear import packing_applies
+from mtp_kernels.cpu_linear import linear_on_packed, packing_applies
 from mtp_kernels.reference import lm_head_logits
 from mtp_kernels.sampler import SamplingParams
 from mtp_model.attention import MTPCache
@@ -232,15 +232,19 @@ class _Decoder:
         """Regular outputs [B, n+1, d] and drafts [B, n] (-1: none) -> (accepted [B], next token [B])."""
         B, n1, _ = regular_hidden.shape
         if self.params.greedy:
-            targets = mtp_kernels.choose_tokens(regular_hidden.reshape(B * n1, -1), self.lm_weight).view(B, n1)
+            targets = mtp_kernels.choose_tokens(regular_hidden.reshape(B * n1, -1), self.lm_weight,
+                                                prepacked=self.prepacked).view(B, n1)
             return mtp_kernels.accept_greedy(drafts, targets)
-        logits = lm_head_logits(regular_hidden, self.lm_weight)
+        if self.prepacked:
+            logits = linear_on_packed(regular_hidden, self.lm_weight)
+        else:
+            logits = lm_head_logits(regular_hidden, self.lm_weight)
         uniform = torch.rand(B, n1 - 1, device=self.device, generator=self.generator)
         return mtp_kernels.accept_sampling(logits, drafts, self.params, uniform, self.noise(B, n1))
 
     def first_token(self, hidden):
         noise = None if self.params.greedy else self.noise(hidden.shape[0])
-        return mtp_kernels.choose_tokens(hidden, self.lm_weight, self.params, noise)
+        return mtp_kernels.choose_tokens(hidden, self.lm_weight, self.params, noise, self.prepacked)
 
     def draft(self, seed_tokens, mask_hidden):
         """k drafts [B, k] from the mask states [B, k, d], the first one following `seed_tokens` [B]."""
@@ -248,7 +252,8 @@ class _Decoder:
         noise = None if self.params.greedy else self.noise(B, k)
         if not self.use_sampler:  # ablation: the plain LM head on each mask state
             flat_noise = None if noise is None else noise.flatten(0, 1)
-            return mtp_kernels.choose_tokens(mask_hidden.flatten(0, 1), self.lm_weight, self.params, flat_noise).view(B, k)
+            return mtp_kernels.choose_tokens(mask_hidden.flatten(0, 1), self.lm_weight, self.params, flat_noise,
+                                             self.prepacked).view(B, k)
         return mtp_kernels.draft_chain(
             self.model.mtp.sampler,
             self.model.get_input_embeddings().weight,
@@ -257,6 +262,7 @@ class _Decoder:
             mask_hidden,
             self.params,
             noise,
+            self.prepacked,
         )
 
     # --- the loop -------------------------------------------------------------------------------------

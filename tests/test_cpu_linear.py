@@ -104,6 +104,7 @@ def test_decoding_runs_its_projections_prepacked_and_ordinary_forwards_do_not(mo
     assert not calls
     model.generate(ids, max_new_tokens=4, do_sample=False)
     assert calls and not model.mtp_gate.prepacked  # the decoding forwards packed; the flag does not leak
+    assert any(weight is model.lm_head.weight for weight in calls)  # verification and drafts too
     calls.clear()
     monkeypatch.setenv(backend.ENV_VAR, "reference")
     model.generate(ids, max_new_tokens=4, do_sample=False)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import mtp_kernels
-from mtp_kernels import SamplingParams, reference
+from mtp_kernels import SamplingParams, backend, cpu_linear, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CHI_SQUARE_CRITICAL_DF4_P001 = 18.467  # chi-square, 4 degrees of freedom, p = 0.001
@@ -106,6 +106,42 @@ def test_draft_chain_feeds_each_draft_back(kernel_mode):
             expected = (mlp(torch.cat([embed[previous], latents[:, j]], -1)) @ lm.t()).argmax(-1)
             assert torch.equal(drafts[:, j], expected)
             previous = expected
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.0, None, None), (0.8, None, None), (0.9, 5, 0.8)])
+def test_prepacked_choice_follows_the_reference(monkeypatch, temperature, top_k, top_p):
+    """Default mode: on a CPU the logits come from oneDNN on the packed weight."""
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    packed = []
+    original = cpu_linear._packed_weight
+    monkeypatch.setattr(cpu_linear, "_packed_weight", lambda weight: packed.append(weight) or original(weight))
+    hidden, weight = head(13, 1531, 40, torch.float32, seed=14)
+    noise = exp_noise(13, 1531, seed=15)
+    params = SamplingParams(temperature, top_k, top_p)
+    with torch.no_grad():
+        tokens = mtp_kernels.choose_tokens(hidden, weight, params, noise, prepacked=True)
+    assert torch.equal(tokens, reference.choose_tokens(hidden, weight, temperature, top_k, top_p, noise))
+    assert bool(packed) == cpu_linear.packing_applies(hidden.device, hidden.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prepacked_choice_in_half_precision_is_the_plain_one(dtype):
+    hidden, weight = head(7, 603, 24, dtype, seed=16)
+    noise = exp_noise(7, 603, seed=17)
+    for params in (SamplingParams(), SamplingParams(0.7, 6, 0.9)):
+        assert torch.equal(mtp_kernels.choose_tokens(hidden, weight, params, noise, prepacked=True),
+                           mtp_kernels.choose_tokens(hidden, weight, params, noise))
+
+
+def test_prepacked_draft_chain_equals_the_plain_one():
+    torch.manual_seed(1)
+    V, d, B, k = 300, 16, 2, 5
+    embed, lm = torch.randn(V, d), torch.randn(V, d)
+    mlp = torch.nn.Sequential(torch.nn.Linear(2 * d, d), torch.nn.SiLU())
+    first, latents = torch.randint(0, V, (B,)), torch.randn(B, k, d)
+    with torch.no_grad():
+        assert torch.equal(mtp_kernels.draft_chain(mlp, embed, lm, first, latents, prepacked=True),
+                           mtp_kernels.draft_chain(mlp, embed, lm, first, latents))
 
 
 def test_accept_greedy_is_a_prefix_not_a_count():

@@ -89,7 +89,8 @@ class GatedLoRALinear(nn.Module):
         if gate is None:
             return self.base_layer(x)
         base, lora_a, lora_b = self.base_layer.weight, self.lora_A.weight, self.lora_B.weight
-        if backend.use_triton(x):
+        # A prepacked context is a CPU decoding forward, decided once per generate call: no backend query.
+        if not context.prepacked and backend.use_triton(x):
             return mtp_kernels.gated_lora_linear(x, base, self.base_layer.bias, lora_a, lora_b, self.scaling, gate)
         # The torch path without the public op's checks: this module's weights agree by construction, and
         # F.linear rejects an x of the wrong width, dtype or device. The gate's shape is what is left.

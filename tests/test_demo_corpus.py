@@ -1,6 +1,8 @@
 """The demo corpus is deterministic, its held-out split never leaks into training, and its prompt/response
 pairs are cut where the tokenizer cuts."""
 
+import argparse
+
 import pytest
 from tokenizers import pre_tokenizers
 
@@ -73,3 +75,15 @@ def test_tokenizer_is_lossless_and_loads_with_from_pretrained(tmp_path):
     for text in unseen:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.decode(ids) == text
+
+
+def test_adapter_pairs_take_one_count_or_one_per_domain():
+    from mtp_model.demo.build import domain_counts
+
+    assert domain_counts("7") == {"code": 7, "math": 7, "prose": 7}
+    counts = domain_counts("code=3,math=5,prose=2")
+    assert {domain: len(pairs) for domain, pairs in corpus.prompt_pairs("adapter", counts).items()} == counts
+    with pytest.raises(argparse.ArgumentTypeError, match="each of code, math, prose"):
+        domain_counts("code=3,math=5")
+    with pytest.raises(ValueError, match="a count for each"):
+        corpus.prompt_pairs("adapter", {"code": 3})

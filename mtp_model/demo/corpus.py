@@ -208,12 +208,16 @@ def _prose_pairs(split: str, count: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def prompt_pairs(split: str, per_domain: int) -> dict[str, list[tuple[str, str]]]:
-    """Up to `per_domain` prompt/response pairs per domain of the "adapter" or the "heldout" split."""
+def prompt_pairs(split: str, per_domain: int | dict[str, int]) -> dict[str, list[tuple[str, str]]]:
+    """Up to `per_domain` prompt/response pairs per domain (one count for all, or one per domain) of the
+    "adapter" or the "heldout" split."""
     if split not in ("adapter", "heldout"):
         raise ValueError(f"prompt pairs come from the 'adapter' or the 'heldout' split, got {split!r}")
+    counts = per_domain if isinstance(per_domain, dict) else dict.fromkeys(DOMAINS, per_domain)
+    if set(counts) != set(DOMAINS):
+        raise ValueError(f"per_domain must give a count for each of {DOMAINS}, got {sorted(counts)}")
     return {
-        "code": _function_pairs(split, per_domain),
-        "math": [(f"Problem: {q}\nSolution:", f" {a}") for q, a in math_pairs(split, per_domain)],
-        "prose": _prose_pairs(split, per_domain),
+        "code": _function_pairs(split, counts["code"]),
+        "math": [(f"Problem: {q}\nSolution:", f" {a}") for q, a in math_pairs(split, counts["math"])],
+        "prose": _prose_pairs(split, counts["prose"]),
     }

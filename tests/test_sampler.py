@@ -93,12 +93,17 @@ def test_top_k_not_below_the_vocabulary_filters_nothing(kernel_mode):
                        mtp_kernels.choose_tokens(hidden, weight, SamplingParams(0.9), noise))
 
 
-def test_draft_chain_feeds_each_draft_back(kernel_mode):
-    torch.manual_seed(0)
-    V, d, B, k = 50, 16, 3, 4
+def draft_chain_inputs(V, d, B, k, seed):
+    """(mlp, embed [V, d], lm [V, d], first tokens [B], latents [B, k, d]) for draft_chain."""
+    torch.manual_seed(seed)
     embed, lm = torch.randn(V, d), torch.randn(V, d)
     mlp = torch.nn.Sequential(torch.nn.Linear(2 * d, d), torch.nn.SiLU())
-    first, latents = torch.randint(0, V, (B,)), torch.randn(B, k, d)
+    return mlp, embed, lm, torch.randint(0, V, (B,)), torch.randn(B, k, d)
+
+
+def test_draft_chain_feeds_each_draft_back(kernel_mode):
+    k = 4
+    mlp, embed, lm, first, latents = draft_chain_inputs(V=50, d=16, B=3, k=k, seed=0)
     with torch.no_grad():
         drafts = mtp_kernels.draft_chain(mlp, embed, lm, first, latents)
         previous = first
@@ -134,11 +139,7 @@ def test_prepacked_choice_in_half_precision_is_the_plain_one(dtype):
 
 
 def test_prepacked_draft_chain_equals_the_plain_one():
-    torch.manual_seed(1)
-    V, d, B, k = 300, 16, 2, 5
-    embed, lm = torch.randn(V, d), torch.randn(V, d)
-    mlp = torch.nn.Sequential(torch.nn.Linear(2 * d, d), torch.nn.SiLU())
-    first, latents = torch.randint(0, V, (B,)), torch.randn(B, k, d)
+    mlp, embed, lm, first, latents = draft_chain_inputs(V=300, d=16, B=2, k=5, seed=1)
     with torch.no_grad():
         assert torch.equal(mtp_kernels.draft_chain(mlp, embed, lm, first, latents, prepacked=True),
                            mtp_kernels.draft_chain(mlp, embed, lm, first, latents))

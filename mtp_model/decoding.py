@@ -11,9 +11,9 @@ Shapes: input_ids / attention_mask [B, P] (left padding), k masks, T tokens per 
    the bonus. Only the anchor's and the accepted drafts' KV is kept (`MTPCache.keep`).
 Regular tokens never see mask tokens and their linears run without LoRA (gate 0), so their outputs are the
 base model's (up to rounding: a step multiplies T rows at once, on the CPU through oneDNN's prepacked
-weights, LM head included, where stock decoding multiplies one row): greedy output is stock greedy output, and sampling
-follows the model's distribution through the lossless acceptance rule. Rows stop on their own (EOS,
-max_new_tokens), exactly where stock generation stops, with the same padding after them.
+weights, LM head included, where stock decoding multiplies one row): greedy output is stock greedy
+output, and sampling follows the model's distribution through the lossless acceptance rule. Rows stop on
+their own (EOS, max_new_tokens), exactly where stock generation stops, with the same padding after them.
 """
 
 from __future__ import annotations

@@ -179,8 +179,9 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer(args.out) if "tokenizer" in stages else AutoTokenizer.from_pretrained(args.out)
     write_heldout(args.out)
     if "pretrain" in stages:
-        model = pretrain(args.out, tokenizer, args.pretrain_steps, batch=max(1, PRETRAIN_BATCH_TOKENS // args.pretrain_length),
-                         length=args.pretrain_length, device=args.device)
+        batch = max(1, PRETRAIN_BATCH_TOKENS // args.pretrain_length)
+        model = pretrain(args.out, tokenizer, args.pretrain_steps, batch=batch, length=args.pretrain_length,
+                         device=args.device)
     else:
         model = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
     if "adapter" in stages:

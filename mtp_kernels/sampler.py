@@ -9,6 +9,8 @@
   (`cpu_linear`; 2-3x faster than F.linear for 2-17 rows): equal to F.linear's up to fp32 summation order.
 - `draft_chain(mlp, embed_weight [V, d], lm_weight [V, d], first_tokens [B], latents [B, k, d], params,
   noise [B, k, V] | None, prepacked) -> drafts [B, k]`: y_j = choose(lm_head(mlp([embed(y_{j-1}); z_j]))).
+- `head_logits(hidden [..., d], weight [V, d], prepacked) -> [..., V]` fp32: the logits the CPU path chooses
+  from (and sampling verification accepts on).
 - `accept_greedy(drafts [B, k], targets [B, k+1]) -> (accepted [B], next_token [B])`.
 - `accept_sampling(logits [B, k+1, V], drafts [B, k], params, uniform [B, k], noise [B, k+1, V])
   -> (accepted [B], next_token [B])`. A draft of -1 means "no draft".
@@ -265,6 +267,14 @@ def _check_choice_inputs(hidden, weight, params, noise):
         raise ValueError(f"noise has shape {tuple(noise.shape)}; it must be ({hidden.shape[0]}, {weight.shape[0]})")
 
 
+def head_logits(hidden, weight, prepacked: bool = False):
+    """fp32 logits [..., V] of `hidden` [..., d] as `reference.lm_head_logits` gives them; `prepacked`: through
+    oneDNN on the packed head where that applies (F.linear itself elsewhere, see cpu_linear)."""
+    if prepacked:
+        return prepacked_linear(hidden, weight).float()
+    return reference.lm_head_logits(hidden, weight)
+
+
 def choose_tokens(hidden, weight, params: SamplingParams = SamplingParams(), noise=None, prepacked: bool = False):
     _check_choice_inputs(hidden, weight, params, noise)
     V = weight.shape[0]
@@ -279,19 +289,15 @@ def choose_tokens(hidden, weight, params: SamplingParams = SamplingParams(), noi
         if top_k is not None and top_k <= MAX_FUSED_TOP_K:
             return _fused_top_k_choice(hidden, weight, params.temperature, top_k, top_p, noise)
 
-    def logits(rows):
-        if prepacked:  # F.linear itself wherever packing does not apply (see cpu_linear)
-            return prepacked_linear(rows, weight).float()
-        return reference.lm_head_logits(rows, weight)
-
     if not filtered or not hidden.shape[0]:
-        return reference.choose_from_logits(logits(hidden), params.temperature, None, None, noise)
+        return reference.choose_from_logits(head_logits(hidden, weight, prepacked), params.temperature, None, None,
+                                            noise)
     # Top-p alone (no bound on its survivors), a large top_k, or the CPU: the reference, on row chunks so
     # that the filters' sorts stay within _FILTER_CHUNK_ELEMENTS.
     rows_per_chunk = max(1, _FILTER_CHUNK_ELEMENTS // V)
     return torch.cat([
-        reference.choose_from_logits(logits(hidden[i : i + rows_per_chunk]), params.temperature, top_k, top_p,
-                                     noise[i : i + rows_per_chunk])
+        reference.choose_from_logits(head_logits(hidden[i : i + rows_per_chunk], weight, prepacked),
+                                     params.temperature, top_k, top_p, noise[i : i + rows_per_chunk])
         for i in range(0, hidden.shape[0], rows_per_chunk)
     ])
 

@@ -28,9 +28,8 @@ from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import mtp_kernels
-from mtp_kernels.cpu_linear import linear_on_packed, packing_applies
-from mtp_kernels.reference import lm_head_logits
-from mtp_kernels.sampler import SamplingParams
+from mtp_kernels.cpu_linear import packing_applies
+from mtp_kernels.sampler import SamplingParams, head_logits
 from mtp_model.attention import MTPCache
 from mtp_model.layout import step_layout
 from mtp_model.patch import embed_tokens, gate_context
@@ -235,10 +234,7 @@ class _Decoder:
             targets = mtp_kernels.choose_tokens(regular_hidden.reshape(B * n1, -1), self.lm_weight,
                                                 prepacked=self.prepacked).view(B, n1)
             return mtp_kernels.accept_greedy(drafts, targets)
-        if self.prepacked:
-            logits = linear_on_packed(regular_hidden, self.lm_weight)
-        else:
-            logits = lm_head_logits(regular_hidden, self.lm_weight)
+        logits = head_logits(regular_hidden, self.lm_weight, self.prepacked)
         uniform = torch.rand(B, n1 - 1, device=self.device, generator=self.generator)
         return mtp_kernels.accept_sampling(logits, drafts, self.params, uniform, self.noise(B, n1))
 

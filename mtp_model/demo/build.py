@@ -70,14 +70,16 @@ def model_config(tokenizer):
     )
 
 
-def pretrain(out: Path, tokenizer, steps: int, batch: int = 8, length: int = 512, lr: float = 3e-3, seed: int = 0,
+def pretrain(out: Path, tokenizer, steps: int, length: int = 512, lr: float = 3e-3, seed: int = 0,
              device: str = "cpu"):
+    """`steps` AdamW steps over random `length`-token blocks of the corpus, PRETRAIN_BATCH_TOKENS a step."""
     from transformers import LlamaForCausalLM
 
     config = model_config(tokenizer)
     if length > config.max_position_embeddings:
         raise ValueError(f"pretraining sequences of {length} tokens exceed the model's "
                          f"{config.max_position_embeddings} positions")
+    batch = max(1, PRETRAIN_BATCH_TOKENS // length)
     torch.manual_seed(seed)
     stream = []
     for document in corpus.pretraining_text():
@@ -179,9 +181,7 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer(args.out) if "tokenizer" in stages else AutoTokenizer.from_pretrained(args.out)
     write_heldout(args.out)
     if "pretrain" in stages:
-        batch = max(1, PRETRAIN_BATCH_TOKENS // args.pretrain_length)
-        model = pretrain(args.out, tokenizer, args.pretrain_steps, batch=batch, length=args.pretrain_length,
-                         device=args.device)
+        model = pretrain(args.out, tokenizer, args.pretrain_steps, length=args.pretrain_length, device=args.device)
     else:
         model = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
     if "adapter" in stages:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import mtp_kernels
 from mtp_kernels import SamplingParams, backend, cpu_linear, reference
+from mtp_model.modules import SamplerHead
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CHI_SQUARE_CRITICAL_DF4_P001 = 18.467  # chi-square, 4 degrees of freedom, p = 0.001
@@ -119,7 +120,7 @@ def test_prepacked_choice_follows_the_reference(monkeypatch, temperature, top_k,
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
     packed = []
     original = cpu_linear._packed_weight
-    monkeypatch.setattr(cpu_linear, "_packed_weight", lambda weight: packed.append(weight) or original(weight))
+    monkeypatch.setattr(cpu_linear, "_packed_weight", lambda *weights: packed.extend(weights) or original(*weights))
     hidden, weight = head(13, 1531, 40, torch.float32, seed=14)
     noise = exp_noise(13, 1531, seed=15)
     params = SamplingParams(temperature, top_k, top_p)
@@ -143,6 +144,23 @@ def test_prepacked_draft_chain_equals_the_plain_one():
     with torch.no_grad():
         assert torch.equal(mtp_kernels.draft_chain(mlp, embed, lm, first, latents, prepacked=True),
                            mtp_kernels.draft_chain(mlp, embed, lm, first, latents))
+
+
+def test_sampling_drafts_need_noise_for_every_step():
+    mlp, embed, lm, first, latents = draft_chain_inputs(V=30, d=8, B=2, k=3, seed=2)
+    with torch.no_grad(), pytest.raises(ValueError, match="noise"):
+        mtp_kernels.draft_chain(mlp, embed, lm, first, latents, SamplingParams(0.7), exp_noise(2, 30, seed=3))
+
+
+def test_sampler_head_computes_what_its_mlp_does():
+    torch.manual_seed(4)
+    head = SamplerHead(24)
+    for module in head.mlp:  # LayerNorms away from their identity initialisation
+        if isinstance(module, torch.nn.LayerNorm):
+            torch.nn.init.normal_(module.weight)
+            torch.nn.init.normal_(module.bias)
+    features = torch.randn(3, 5, 48)
+    assert torch.equal(head(features), head.mlp(features))
 
 
 def test_accept_greedy_is_a_prefix_not_a_count():

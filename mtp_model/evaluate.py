@@ -2,10 +2,13 @@
 
 For every domain of the prompt file (`{"prompt": ..., "domain": ...}` per line; chat `messages` work too)
 it measures tokens per step, greedy, up to `max_steps` forward passes per prompt (the paper uses 100):
-- for 1..k masks with quadratic decoding and the sampler (the table);
-- at k masks: linear against quadratic decoding, with and without the sampler (the ablation);
+- for 1..k masks with the sampler, in quadratic decoding (the paper's table) and in linear decoding;
+- at k masks without the sampler, both modes (the rest of the paper's ablation);
 - wall-clock tokens per second at batch 1, stock greedy against every (masks, mode) measured, so the
-  fastest configuration on this machine is reported next to the highest tokens per step. After one
+  fastest configuration on this machine is reported next to the highest tokens per step. Where a step's
+  cost grows with the tokens it feeds (a CPU), linear decoding's 2k+1 tokens a step can beat quadratic's
+  (k+1)^2 and fewer masks can beat more: both sweeps are there so that `--save-fastest` picks from all
+  of them. After one
   untimed warm-up, each generation (MTP and its stock twin) is timed `repeats` times and the fastest run
   counts: on a small shared machine single timings swing by 20%, more than the gaps being ranked.
 Every MTP output is checked against stock greedy decoding on the same prompt (`identical` in the JSON).
@@ -23,6 +26,8 @@ from pathlib import Path
 import torch
 
 from mtp_model.data import iter_jsonl, prompt_ids
+
+MODES = ("quadratic", "linear")
 
 
 def read_prompts(path: str | Path, per_domain: int | None = None) -> list[tuple[str, object]]:
@@ -64,8 +69,8 @@ def evaluate(model, tokenizer, prompts, max_steps: int = 100, max_masks: int | N
     k = max_masks or model.mtp_config.num_masks
     device = model.get_input_embeddings().weight.device
     budget = max_steps * (k + 1)
-    configs = [(j, "quadratic", True) for j in range(1, k + 1)]
-    configs += [(k, "linear", True), (k, "quadratic", False), (k, "linear", False)]
+    configs = [(j, mode, True) for mode in MODES for j in range(1, k + 1)]
+    configs += [(k, mode, False) for mode in MODES]
     tokens, steps, seconds = defaultdict(int), defaultdict(int), defaultdict(float)
     identical = True
     with torch.inference_mode():
@@ -111,27 +116,36 @@ def _summarise(configs, tokens, steps, seconds, domains, identical, max_steps) -
             "domains": {domain: summary(domain) for domain in domains}, "overall": summary(None)}
 
 
+def _sweep(runs: list[dict], mode: str) -> list[dict]:
+    """The runs of one decoding mode with the sampler, by number of masks."""
+    return [r for r in runs if r["decoding"] == mode and r["sampler"]]
+
+
 def format_table(results: dict) -> str:
     lines = []
     for domain, result in results["domains"].items():
-        table = [r for r in result["runs"] if r["decoding"] == "quadratic" and r["sampler"]]
-        ablation = [r for r in result["runs"] if r not in table or r is table[-1]]
-        lines.append(f"{domain}: tokens per step by number of masks (quadratic, sampler)")
-        lines.append("  masks  " + " ".join(f"{r['num_masks']:>6}" for r in table))
-        lines.append("  tok/st " + " ".join(f"{r['tokens_per_step']:>6.2f}" for r in table))
-        lines.append(f"  ablation at {table[-1]['num_masks']} masks:")
-        for r in ablation:
-            lines.append(f"    {r['decoding']:<9} sampler={'yes' if r['sampler'] else 'no ':<3}  "
-                         f"{r['tokens_per_step']:.2f} tokens/step  {r['tokens_per_second']:.1f} tokens/s  "
-                         f"x{r['speedup']:.2f} vs stock")
+        runs = result["runs"]
+        lines.append(f"{domain}: tokens per step by number of masks (with the sampler), and speed-up over stock greedy")
+        lines.append("  masks             " + " ".join(f"{r['num_masks']:>6}" for r in _sweep(runs, MODES[0])))
+        for mode in MODES:
+            sweep = _sweep(runs, mode)
+            lines.append(f"  {mode:<9} tok/st  " + " ".join(f"{r['tokens_per_step']:>6.2f}" for r in sweep))
+            lines.append(f"  {'':<9} speed-up" + " ".join(f"{'x' + format(r['speedup'], '.2f'):>6}" for r in sweep))
+        without = [r for r in runs if not r["sampler"]]
+        lines.append(f"  without the sampler at {without[0]['num_masks']} masks: " + ", ".join(
+            f"{r['decoding']} {r['tokens_per_step']:.2f} tokens/step x{r['speedup']:.2f}" for r in without))
         fastest = result["fastest"]
         lines.append(f"  stock greedy {result['stock_tokens_per_second']:.1f} tokens/s; fastest here: "
-                     f"{fastest['num_masks']} masks, {fastest['decoding']}, x{fastest['speedup']:.2f}")
+                     f"{_describe(fastest)}, x{fastest['speedup']:.2f}")
     fastest = results["overall"]["fastest"]
-    lines.append(f"all domains: fastest here {fastest['num_masks']} masks, {fastest['decoding']}, "
-                 f"{fastest['tokens_per_step']:.2f} tokens/step, x{fastest['speedup']:.2f} vs stock greedy")
+    lines.append(f"all domains: fastest here {_describe(fastest)}, {fastest['tokens_per_step']:.2f} tokens/step, "
+                 f"x{fastest['speedup']:.2f} vs stock greedy")
     lines.append(f"identical to stock greedy: {results['identical_to_stock_greedy']}")
     return "\n".join(lines)
+
+
+def _describe(run: dict) -> str:
+    return f"{run['num_masks']} masks, {run['decoding']}" + ("" if run["sampler"] else ", no sampler")
 
 
 def draw_chart(results: dict, path: str | Path) -> bool:
@@ -142,15 +156,22 @@ def draw_chart(results: dict, path: str | Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for domain, result in results["domains"].items():
-        table = [r for r in result["runs"] if r["decoding"] == "quadratic" and r["sampler"]]
-        axis.plot([r["num_masks"] for r in table], [r["tokens_per_step"] for r in table], marker="o", label=domain)
-    axis.set_xlabel("masks (drafts per step)")
-    axis.set_ylabel("tokens per step")
-    axis.set_title(f"MTP tokens per step (greedy, up to {results['max_steps']} steps per prompt)")
-    axis.grid(alpha=0.3)
-    axis.legend()
+    figure, (steps_axis, speed_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for index, (domain, result) in enumerate(results["domains"].items()):
+        for mode, style in zip(MODES, ("-", "--")):
+            sweep = _sweep(result["runs"], mode)
+            masks = [r["num_masks"] for r in sweep]
+            label = f"{domain}, {mode}"
+            steps_axis.plot(masks, [r["tokens_per_step"] for r in sweep], style, marker="o", color=f"C{index}", label=label)
+            speed_axis.plot(masks, [r["speedup"] for r in sweep], style, marker="o", color=f"C{index}", label=label)
+    steps_axis.set_ylabel("tokens per step")
+    speed_axis.set_ylabel("speed-up over stock greedy (wall clock)")
+    speed_axis.axhline(1.0, color="grey", linewidth=0.8)
+    for axis in (steps_axis, speed_axis):
+        axis.set_xlabel("masks (drafts per step)")
+        axis.grid(alpha=0.3)
+    steps_axis.legend(fontsize=8)
+    figure.suptitle(f"MTP with the sampler, greedy, up to {results['max_steps']} steps per prompt")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

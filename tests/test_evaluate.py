@@ -32,7 +32,8 @@ def test_eval_command_writes_table_json_and_chart(tmp_path, capsys):
     assert results["identical_to_stock_greedy"] is True
     assert set(results["domains"]) == {"code", "math"}
     runs = results["domains"]["code"]["runs"]
-    assert [r["num_masks"] for r in runs if r["decoding"] == "quadratic" and r["sampler"]] == [1, 2, 3]
+    for mode in ("quadratic", "linear"):
+        assert [r["num_masks"] for r in runs if r["decoding"] == mode and r["sampler"]] == [1, 2, 3]
     assert {(r["decoding"], r["sampler"]) for r in runs if r["num_masks"] == 3} == {
         ("quadratic", True), ("linear", True), ("quadratic", False), ("linear", False)}
     assert all(1.0 <= r["tokens_per_step"] <= r["num_masks"] + 1 for r in runs)

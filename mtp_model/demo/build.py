@@ -21,7 +21,9 @@ entropies down-weighted) changed tokens per step at 8 masks on all 20 held-out p
 than noise (code 3.81 against 3.79, math 4.12 against 4.08, prose 3.52 against 3.52): the default stays 1.
 Twice the math prompts (`--adapter-pairs code=4000,math=8000,prose=4000`, same steps) did not help math
 (3.80 against 4.02 tokens per step on all 20 held-out prompts; code 5.96 against 6.08): the default is
-4000 per domain.
+4000 per domain. Nor did a longer adapter run (`--adapter-steps 4000`: code 6.08, math 3.71, prose 4.76
+against 6.08 / 4.02 / 4.63 at 3000, quadratic, 8 masks, all 20 held-out prompts), which would also push
+the build past two hours on the slower machines: the default stays 3000.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ it measures tokens per step, greedy, up to `max_steps` forward passes per prompt
   fastest configuration on this machine is reported next to the highest tokens per step. Where a step's
   cost grows with the tokens it feeds (a CPU), linear decoding's 2k+1 tokens a step can beat quadratic's
   (k+1)^2 and fewer masks can beat more: both sweeps are there so that `--save-fastest` picks from all
-  of them. After one
-  untimed warm-up, each generation (MTP and its stock twin) is timed `repeats` times and the fastest run
-  counts: on a small shared machine single timings swing by 20%, more than the gaps being ranked.
+  of them. After one untimed warm-up, each generation (MTP and its stock twin) is timed `repeats` times
+  and the fastest run counts: on a small shared machine single timings swing by 20%, more than the gaps
+  being ranked.
 Every MTP output is checked against stock greedy decoding on the same prompt (`identical` in the JSON).
 Results are printed as a table, written as JSON and, with matplotlib installed, drawn as a PNG chart.
 """

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from mtp_kernels import backend, reference
-from mtp_kernels.cpu_linear import linear_on_packed, packing_applies, prepacked_linear
+from mtp_kernels.cpu_linear import prepacked_linear
 from mtp_kernels.checks import FLOAT_DTYPES, check_tensor
 
 @dataclass(frozen=True)
@@ -277,6 +277,11 @@ def head_logits(hidden, weight, prepacked: bool = False):
 
 def choose_tokens(hidden, weight, params: SamplingParams = SamplingParams(), noise=None, prepacked: bool = False):
     _check_choice_inputs(hidden, weight, params, noise)
+    return _choose(hidden, weight, params, noise, prepacked)
+
+
+def _choose(hidden, weight, params, noise, prepacked):
+    """`choose_tokens` on inputs already checked."""
     V = weight.shape[0]
     top_k = params.top_k if params.top_k is not None and params.top_k < V else None  # k >= V keeps all
     top_p = params.top_p if params.top_p is not None and params.top_p < 1.0 else None
@@ -312,20 +317,14 @@ def draft_chain(mlp, embed_weight, lm_weight, first_tokens, latents, params=Samp
     if not params.greedy and (noise is None or tuple(noise.shape) != (B, k, lm_weight.shape[0])):
         raise ValueError(f"sampling drafts needs Exp(1) noise of shape ({B}, {k}, {lm_weight.shape[0]}), got "
                          f"{None if noise is None else tuple(noise.shape)}")
-    # The k choices share their inputs' checks and their path: decided here once, not once per step.
+    # The k choices share their inputs' checks: made here once, not once per step (a CPU decoding step's
+    # choice is a few small products, where Python's share shows).
     _check_choice_inputs(latents[:, 0], lm_weight, params, None if noise is None else noise[:, 0])
-    fast = params.greedy and prepacked and not torch.is_grad_enabled() and not backend.use_triton(latents)
-    if fast and packing_applies(latents.device, latents.dtype):
-        def choose(hidden, _):  # CPU decoding: the step is a few small products, and Python's share shows
-            return linear_on_packed(hidden, lm_weight).argmax(dim=-1)
-    else:
-        def choose(hidden, step_noise):
-            return choose_tokens(hidden, lm_weight, params, step_noise, prepacked)
     drafts = []
     previous = first_tokens
     for j in range(k):
         features = torch.cat([embed_weight[previous].to(latents.dtype), latents[:, j]], dim=-1)
-        previous = choose(mlp(features), None if noise is None else noise[:, j])
+        previous = _choose(mlp(features), lm_weight, params, None if noise is None else noise[:, j], prepacked)
         drafts.append(previous)
     return torch.stack(drafts, dim=1)
 

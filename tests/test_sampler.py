@@ -120,7 +120,7 @@ def test_prepacked_choice_follows_the_reference(monkeypatch, temperature, top_k,
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
     packed = []
     original = cpu_linear._packed_weight
-    monkeypatch.setattr(cpu_linear, "_packed_weight", lambda *weights: packed.extend(weights) or original(*weights))
+    monkeypatch.setattr(cpu_linear, "_packed_weight", lambda weight: packed.append(weight) or original(weight))
     hidden, weight = head(13, 1531, 40, torch.float32, seed=14)
     noise = exp_noise(13, 1531, seed=15)
     params = SamplingParams(temperature, top_k, top_p)

@@ -7,10 +7,11 @@ Decoding. A step feeds the anchor (the last verified token, not yet cached) foll
 mask tokens after some of them. Regular token g (anchor g = 0, draft g >= 1) sits at position P + g; mask i
 (1..k) after regular token g sits at P + g + i. Regular token g sees the cached prefix and regular tokens
 0..g; mask (g, i) sees the prefix, regular tokens 0..g and masks (g, 1..i) of its own block; nothing else.
-- quadratic: a mask block after every regular token, interleaved [r0, m1..mk, r1, m1..mk, ...]:
+- quadratic: a mask block after every regular token, [r0..rn, (m1..mk after r0), ..., (m1..mk after rn)]:
   (n+1)(k+1) tokens, so whichever draft is the last accepted, fresh drafts exist after it.
 - linear: [r0..rn, m1..mk], one block after the last draft (the paper's ablation).
-Without drafts (n = 0) both are [anchor, m1..mk].
+Without drafts (n = 0) both are [anchor, m1..mk]. The order of the block's tokens is free (positions and the
+block mask say who is where); regular tokens come first so that the mask tokens are one suffix.
 """
 
 from __future__ import annotations
@@ -42,12 +43,10 @@ def step_layout(num_drafts: int, num_masks: int, mode: str, device: torch.device
     if mode not in ("quadratic", "linear"):
         raise ValueError(f"decoding mode must be 'quadratic' or 'linear', got {mode!r}")
     with_masks = range(num_drafts + 1) if mode == "quadratic" else [num_drafts]
-    tokens = []  # (anchor g, mask number i)
-    if mode == "quadratic":
-        for g in range(num_drafts + 1):
-            tokens += [(g, i) for i in range(num_masks + 1)]
-    else:
-        tokens = [(g, 0) for g in range(num_drafts + 1)] + [(num_drafts, i) for i in range(1, num_masks + 1)]
+    # (anchor g, mask number i), regular tokens first: every row's gated tokens are then one suffix of the
+    # block, which the CPU's merged-LoRA products rely on (`cpu_linear.gated_lora_on_packed`).
+    tokens = [(g, 0) for g in range(num_drafts + 1)]
+    tokens += [(g, i) for g in with_masks for i in range(1, num_masks + 1)]
 
     anchor_of = torch.tensor([g for g, _ in tokens])
     mask_number = torch.tensor([i for _, i in tokens])

@@ -11,7 +11,10 @@
   and load in peft's layout. Where the op would run its torch reference (CPU), the module computes the
   same thing itself (`reference.add_masked_lora` on the base product): no per-call input checks, and the
   gate converted to a row mask once per forward (`GateContext.row_mask`) instead of once per linear. Same
-  result as the op, bit for bit, unless the context is `prepacked`.
+  result as the op, bit for bit, unless the context is `prepacked`. A prepacked forward whose gate is the
+  same suffix of every row (`GateContext.gated_from`: a decoding step's masks come last) and that has few
+  rows runs each linear as one product against its weight paired with its LoRA-merged copy
+  (`cpu_linear.gated_lora_on_packed`).
 - `SamplerHead(hidden_size)`: `[embed(prev); z]` [N, 2d] -> Linear -> SiLU -> LayerNorm -> Linear -> SiLU
   -> LayerNorm -> [N, d]; its output goes through the model's own LM head.
 - `MTPHead`: holds the mask embeddings [k, d] and the sampler, registered on the model as `model.mtp`.
@@ -27,7 +30,7 @@ from torch import nn
 
 import mtp_kernels
 from mtp_kernels import backend, reference
-from mtp_kernels.cpu_linear import linear_on_packed
+from mtp_kernels.cpu_linear import gated_lora_on_packed, linear_on_packed, merged_lora_applies
 
 
 class GateContext:
@@ -36,6 +39,7 @@ class GateContext:
     def __init__(self):
         self.gate: torch.Tensor | None = None
         self.prepacked = False
+        self.gated_from: int | None = None  # s when every row's gate is the same suffix [s, T) (prepacked only)
         self._row_mask: tuple | None = None  # (gate, input dtype, its row mask)
 
     def set(self, gate: torch.Tensor | None, prepacked: bool = False) -> None:
@@ -43,6 +47,7 @@ class GateContext:
         # and free.
         self.gate = gate if gate is not None and bool(gate.any()) else None
         self.prepacked = prepacked
+        self.gated_from = _suffix_start(self.gate) if prepacked and self.gate is not None else None
 
     def row_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """`reference.lora_row_mask(gate, dtype)`, converted once per gate instead of once per linear."""
@@ -51,6 +56,14 @@ class GateContext:
         if cached is None or cached[0] is not self.gate or cached[1] != dtype:
             cached = self._row_mask = (self.gate, dtype, reference.lora_row_mask(self.gate, dtype))
         return cached[2]
+
+
+def _suffix_start(gate: torch.Tensor) -> int | None:
+    """s where gate [..., T] is True exactly on positions s..T-1 of every row (a decoding step's mask tokens
+    come after its regular ones), else None."""
+    start = gate.shape[-1] - int(gate.reshape(-1, gate.shape[-1])[0].sum())
+    suffix = torch.arange(gate.shape[-1], device=gate.device) >= start
+    return start if bool((gate == suffix).all()) else None
 
 
 class GatedLoRALinear(nn.Module):
@@ -96,9 +109,12 @@ class GatedLoRALinear(nn.Module):
         # F.linear rejects an x of the wrong width, dtype or device. The gate's shape is what is left.
         if gate.shape != x.shape[:-1]:
             raise ValueError(f"the gate has shape {tuple(gate.shape)} but x's leading shape is {tuple(x.shape[:-1])}")
+        packed = context.prepacked and base.dtype == torch.float32
+        if packed and context.gated_from is not None and merged_lora_applies(x.numel() // x.shape[-1], base):
+            return gated_lora_on_packed(x, base, self.base_layer.bias, lora_a, lora_b, self.scaling,
+                                        context.gated_from)
         row_mask = context.row_mask(x.dtype)
-        linear = linear_on_packed if context.prepacked and base.dtype == torch.float32 else F.linear
-        out = linear(x, base, self.base_layer.bias)
+        out = (linear_on_packed if packed else F.linear)(x, base, self.base_layer.bias)
         return reference.add_masked_lora(out, x, lora_a, lora_b, self.scaling, row_mask)
 
     def extra_repr(self) -> str:

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import mtp_model
-from mtp_kernels import backend, cpu_linear
+from mtp_model import modules
+from mtp_kernels import backend, cpu_linear, derived
 from mtp_kernels.cpu_linear import prepacked_linear
 from tests.helpers import tiny_model
 
@@ -44,18 +45,18 @@ def test_takes_strided_inputs():
 def test_the_packed_copy_is_kept_rebuilt_on_change_and_freed_with_the_weight():
     weight = torch.randn(16, 8)
     x = torch.randn(5, 8)
+    key = derived.cache_key("packed", (weight,))
     with torch.no_grad():
         first = prepacked_linear(x, weight)
-        packed = cpu_linear._packed[id(weight)][2]
+        packed = derived._cache[key][2]
         prepacked_linear(x, weight)
-        assert cpu_linear._packed[id(weight)][2] is packed  # reused, not repacked
+        assert derived._cache[key][2] is packed  # reused, not repacked
         weight.mul_(2)  # in place: the version changes, so the copy is rebuilt
         torch.testing.assert_close(prepacked_linear(x, weight), 2 * first)
-        assert cpu_linear._packed[id(weight)][2] is not packed
-    key = id(weight)
+        assert derived._cache[key][2] is not packed
     del weight, packed
     gc.collect()
-    assert key not in cpu_linear._packed
+    assert key not in derived._cache
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # said by mkldnn.flags itself
@@ -109,3 +110,80 @@ def test_decoding_runs_its_projections_prepacked_and_ordinary_forwards_do_not(mo
     monkeypatch.setenv(backend.ENV_VAR, "reference")
     model.generate(ids, max_new_tokens=4, do_sample=False)
     assert not calls  # the reference mode decodes through F.linear
+
+
+def fp64_gated_lora(x, weight, bias, lora_a, lora_b, scaling, gated_from):
+    lora = scaling * (x.double() @ lora_a.double().t()) @ lora_b.double().t()
+    gated = (torch.arange(x.shape[-2]) >= gated_from)[:, None]
+    return fp64_linear(x, weight, bias) + gated * lora
+
+
+@pytest.mark.parametrize(("lead", "gated_from"), [((9,), 4), ((1, 15), 8), ((3, 16), 4), ((2, 5), 0), ((1, 6), 6)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_merged_lora_matches_a_float64_gated_lora(lead, gated_from, with_bias):
+    torch.manual_seed(len(lead) + gated_from)
+    x = torch.randn(*lead, 40)
+    weight, lora_a, lora_b = torch.randn(24, 40), torch.randn(6, 40), torch.randn(24, 6)
+    bias = torch.randn(24) if with_bias else None
+    with torch.no_grad():
+        out = cpu_linear.gated_lora_on_packed(x, weight, bias, lora_a, lora_b, 0.5, gated_from)
+    assert out.shape == (*lead, 24)
+    expected = fp64_gated_lora(x, weight, bias, lora_a, lora_b, 0.5, gated_from)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    # The ungated rows are the packed base product itself.
+    with torch.no_grad():
+        base = prepacked_linear(x, weight, bias)
+    torch.testing.assert_close(out[..., :gated_from, :], base[..., :gated_from, :], rtol=0, atol=1e-5)
+
+
+def test_the_merged_weight_follows_its_lora_factors():
+    x = torch.randn(7, 12)
+    weight, lora_a, lora_b = torch.randn(10, 12), torch.randn(3, 12), torch.zeros(10, 3)
+    with torch.no_grad():
+        before = cpu_linear.gated_lora_on_packed(x, weight, None, lora_a, lora_b, 2.0, 3)
+        torch.testing.assert_close(before, prepacked_linear(x, weight))  # B = 0: no LoRA yet
+        lora_b.normal_()  # a training step, in place
+        after = cpu_linear.gated_lora_on_packed(x, weight, None, lora_a, lora_b, 2.0, 3)
+    torch.testing.assert_close(after.double(), fp64_gated_lora(x, weight, None, lora_a, lora_b, 2.0, 3),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_decoding_merges_lora_for_short_steps_only(monkeypatch):
+    """Linear decoding with 2 masks feeds 5 tokens a step (merged, as is the prefill's 4 + 2); quadratic with
+    5 masks, 36 (not merged; its prefill's 4 + 5 is)."""
+    model = mtp_model.patch(tiny_model(), mtp_model.MTPConfig(num_masks=5, lora_rank=4))
+    rows = []
+    original = cpu_linear.gated_lora_on_packed
+    monkeypatch.setattr(modules, "gated_lora_on_packed",
+                        lambda x, *args: rows.append(x.shape[-2]) or original(x, *args))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model.generate(ids, max_new_tokens=6, do_sample=False, num_masks=2, decoding="linear")
+    assert set(rows) == {5, 6}
+    rows.clear()
+    model.generate(ids, max_new_tokens=6, do_sample=False, num_masks=5, decoding="quadratic")
+    assert set(rows) == {9}
+
+
+@pytest.mark.parametrize(
+    ("gate", "suffix"),
+    [
+        ([[False, False, True, True, True]], 2),  # a step's masks after its regular tokens: merged
+        ([[False, True, True, True, True], [False, True, True, True, True]], 1),
+        ([[False, True, False, True, True]], None),  # not a suffix: the LoRA on its own
+        ([[False, False, True, True, True], [False, True, True, True, True]], None),  # rows disagree
+    ],
+)
+def test_a_prepacked_gated_linear_gives_the_gated_lora_whatever_the_gate(gate, suffix):
+    torch.manual_seed(6)
+    context = modules.GateContext()
+    linear = modules.GatedLoRALinear(torch.nn.Linear(20, 12), rank=4, alpha=8, context=context)
+    torch.nn.init.normal_(linear.lora_B.weight)
+    gate = torch.tensor(gate)
+    x = torch.randn(*gate.shape, 20)
+    context.set(gate, prepacked=True)
+    assert context.gated_from == suffix
+    with torch.no_grad():
+        out = linear(x)
+    lora = linear.scaling * (x.double() @ linear.lora_A.weight.double().t()) @ linear.lora_B.weight.double().t()
+    expected = fp64_linear(x, linear.weight, linear.bias) + gate[..., None] * lora
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)

@@ -160,10 +160,13 @@ def test_reference_matches_sdpa_with_a_materialised_mask():
 
 def test_quadratic_mask_rule():
     k = 2
-    mask = quadratic_mask(k)
+    layout = step_layout(k, k, "quadratic", torch.device("cpu"))
+    mask = layout.block_mask
+    groups, numbers = layout.anchor_of.tolist(), layout.mask_number.tolist()
+    assert sorted(zip(groups, numbers)) == [(g, r) for g in range(k + 1) for r in range(k + 1)]
     for query in range((k + 1) ** 2):
         for key in range((k + 1) ** 2):
-            (g1, r1), (g2, r2) = divmod(query, k + 1), divmod(key, k + 1)
+            (g1, r1), (g2, r2) = (groups[query], numbers[query]), (groups[key], numbers[key])
             rule = (r2 == 0 and g2 <= g1) or (g2 == g1 and 0 < r2 <= r1)
             assert bool(mask[query, key]) == rule, (query, key)
 

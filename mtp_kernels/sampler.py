@@ -7,8 +7,12 @@
   the choice, as `F.linear` in that dtype would produce them, so greedy picks equal stock greedy's.
   `prepacked=True` (inference on the CPU) computes the logits through oneDNN on a packed copy of `weight`
   (`cpu_linear`; 2-3x faster than F.linear for 2-17 rows): equal to F.linear's up to fp32 summation order.
-- `draft_chain(mlp, embed_weight [V, d], lm_weight [V, d], first_tokens [B], latents [B, k, d], params,
-  noise [B, k, V] | None, prepacked) -> drafts [B, k]`: y_j = choose(lm_head(mlp([embed(y_{j-1}); z_j]))).
+- `draft_chain(sampler, embed_weight [V, d], lm_weight [V, d], first_tokens [B], latents [B, k, d], params,
+  noise [B, k, V] | None, prepacked) -> drafts [B, k]`: y_j = choose(lm_head(sampler([embed(y_{j-1}); z_j]))),
+  for a sampler with an `input_layer` (the Linear over [embed; z], 2d -> h) and a `body` (the rest), as
+  `mtp_model.modules.SamplerHead`. The input layer's latent half runs once for all k steps and its token
+  half is a row of the table E W_e^T [V, h] (built once per sampler, up to TOKEN_TABLE_MAX_BYTES): a
+  step is the body and the LM head only (a 7-step chain on the demo model: 652 -> 486 us).
 - `head_logits(hidden [..., d], weight [V, d], prepacked) -> [..., V]` fp32: the logits the CPU path chooses
   from (and sampling verification accepts on).
 - `accept_greedy(drafts [B, k], targets [B, k+1]) -> (accepted [B], next_token [B])`.
@@ -33,9 +37,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mtp_kernels import backend, reference
 from mtp_kernels.cpu_linear import prepacked_linear
+from mtp_kernels.derived import derived
 from mtp_kernels.checks import FLOAT_DTYPES, check_tensor
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class SamplingParams:
 
 # Rows per chunk of the reference's filtered path, so that chunk x V logits stay within about 64 MB of fp32.
 _FILTER_CHUNK_ELEMENTS = 1 << 24
+# The draft chain keeps the sampler's token table (one row per vocabulary entry) up to this size: 4 MB for
+# the demo model, where it saves a product per draft; a 128k x 4096 one would not be worth its memory.
+TOKEN_TABLE_MAX_BYTES = 64 << 20
 # Largest top_k the fused kernel takes: its per-row candidate lists (2 top_k slots) live in registers, and
 # past 64 they spill on an H100 (ptxas -v).
 MAX_FUSED_TOP_K = 64
@@ -307,26 +316,48 @@ def _choose(hidden, weight, params, noise, prepacked):
     ])
 
 
-def draft_chain(mlp, embed_weight, lm_weight, first_tokens, latents, params=SamplingParams(), noise=None,
+def draft_chain(sampler, embed_weight, lm_weight, first_tokens, latents, params=SamplingParams(), noise=None,
                 prepacked: bool = False):
     """k sequential sampler steps for a whole batch, each seeded with the previous step's token."""
     if latents.ndim != 3 or first_tokens.shape != latents.shape[:1]:
         raise ValueError(f"latents must be [B, k, d] and first_tokens [B]; got {tuple(latents.shape)} and "
                          f"{tuple(first_tokens.shape)}")
-    B, k, _ = latents.shape
+    B, k, d = latents.shape
     if not params.greedy and (noise is None or tuple(noise.shape) != (B, k, lm_weight.shape[0])):
         raise ValueError(f"sampling drafts needs Exp(1) noise of shape ({B}, {k}, {lm_weight.shape[0]}), got "
                          f"{None if noise is None else tuple(noise.shape)}")
+    input_layer = sampler.input_layer
+    if input_layer.weight.shape[1] != 2 * d or embed_weight.shape[1] != d:
+        raise ValueError(f"the sampler's input layer takes {input_layer.weight.shape[1]} features; it needs "
+                         f"[embedding; latent] = {embed_weight.shape[1]} + {d}")
     # The k choices share their inputs' checks: made here once, not once per step (a CPU decoding step's
     # choice is a few small products, where Python's share shows).
     _check_choice_inputs(latents[:, 0], lm_weight, params, None if noise is None else noise[:, 0])
+    # The input layer is linear in [embed(y); z] = W_e embed(y) + W_z z + b: the latent half for all k steps
+    # is one product, and the token half a row of the table E W_e^T where that table is small.
+    token_weight, latent_weight = input_layer.weight[:, :d], input_layer.weight[:, d:]
+    latent_terms = F.linear(latents.to(latent_weight.dtype), latent_weight, input_layer.bias)  # [B, k, h]
+    table = _token_table(embed_weight, input_layer.weight)
     drafts = []
     previous = first_tokens
     for j in range(k):
-        features = torch.cat([embed_weight[previous].to(latents.dtype), latents[:, j]], dim=-1)
-        previous = _choose(mlp(features), lm_weight, params, None if noise is None else noise[:, j], prepacked)
+        token_terms = table[previous] if table is not None else F.linear(embed_weight[previous].to(token_weight.dtype),
+                                                                         token_weight)
+        hidden = sampler.body(token_terms + latent_terms[:, j])
+        previous = _choose(hidden, lm_weight, params, None if noise is None else noise[:, j], prepacked)
         drafts.append(previous)
     return torch.stack(drafts, dim=1)
+
+
+def _token_table(embed_weight, input_weight):
+    """E W_e^T [V, h] (W_e: the embedding half of the sampler's input layer `input_weight` [h, 2d]) when it
+    takes at most TOKEN_TABLE_MAX_BYTES and nothing needs its gradient; else None."""
+    V, (h, two_d) = embed_weight.shape[0], input_weight.shape
+    if V * h * input_weight.element_size() > TOKEN_TABLE_MAX_BYTES or (
+            torch.is_grad_enabled() and input_weight.requires_grad):
+        return None
+    return derived("token-table", (embed_weight, input_weight),
+                   lambda: F.linear(embed_weight.to(input_weight.dtype), input_weight[:, : two_d // 2]))
 
 
 def _check_drafts(drafts, k_plus_one, what):

@@ -16,7 +16,8 @@
   rows runs each linear as one product against its weight paired with its LoRA-merged copy
   (`cpu_linear.gated_lora_on_packed`).
 - `SamplerHead(hidden_size)`: `[embed(prev); z]` [N, 2d] -> Linear -> SiLU -> LayerNorm -> Linear -> SiLU
-  -> LayerNorm -> [N, d]; its output goes through the model's own LM head.
+  -> LayerNorm -> [N, d]; its output goes through the model's own LM head. `input_layer` and `body` (the
+  rest) let the draft chain compute the input layer's two halves apart (`mtp_kernels.draft_chain`).
 - `MTPHead`: holds the mask embeddings [k, d] and the sampler, registered on the model as `model.mtp`.
 """
 
@@ -134,13 +135,22 @@ class SamplerHead(nn.Module):
             nn.LayerNorm(hidden_size, eps=eps, **factory),
         )
 
+    @property
+    def input_layer(self) -> nn.Linear:
+        """The first Linear, over [embed(previous token); mask hidden state]."""
+        return self.mlp[0]
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [..., 2d] = cat([embed(previous token), mask hidden state]) -> [..., d]."""
-        # What self.mlp(features) computes, without six module calls: decoding runs this k times per step
-        # on a single row, where nn.Module's per-call overhead is a measurable share of the step.
-        first, _, first_norm, second, _, second_norm = self.mlp
-        hidden = F.silu(F.linear(features, first.weight, first.bias))
-        hidden = F.layer_norm(hidden, first_norm.normalized_shape, first_norm.weight, first_norm.bias, first_norm.eps)
+        return self.body(F.linear(features, self.input_layer.weight, self.input_layer.bias))
+
+    def body(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Everything after the input layer: [..., d] -> [..., d]."""
+        # What self.mlp[1:] computes, without five module calls: decoding runs this k times per step on a
+        # single row, where nn.Module's per-call overhead is a measurable share of the step.
+        _, _, first_norm, second, _, second_norm = self.mlp
+        hidden = F.layer_norm(F.silu(hidden), first_norm.normalized_shape, first_norm.weight, first_norm.bias,
+                              first_norm.eps)
         hidden = F.silu(F.linear(hidden, second.weight, second.bias))
         return F.layer_norm(hidden, second_norm.normalized_shape, second_norm.weight, second_norm.bias,
                             second_norm.eps)

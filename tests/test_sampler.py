@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import mtp_kernels
 from mtp_kernels import SamplingParams, backend, cpu_linear, reference
+from mtp_kernels import sampler as sampler_ops
 from mtp_model.modules import SamplerHead
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -95,23 +96,48 @@ def test_top_k_not_below_the_vocabulary_filters_nothing(kernel_mode):
 
 
 def draft_chain_inputs(V, d, B, k, seed):
-    """(mlp, embed [V, d], lm [V, d], first tokens [B], latents [B, k, d]) for draft_chain."""
+    """(sampler, embed [V, d], lm [V, d], first tokens [B], latents [B, k, d]) for draft_chain."""
     torch.manual_seed(seed)
     embed, lm = torch.randn(V, d), torch.randn(V, d)
-    mlp = torch.nn.Sequential(torch.nn.Linear(2 * d, d), torch.nn.SiLU())
-    return mlp, embed, lm, torch.randint(0, V, (B,)), torch.randn(B, k, d)
+    sampler = SamplerHead(d)
+    for module in sampler.mlp:  # LayerNorms away from their identity initialisation
+        if isinstance(module, torch.nn.LayerNorm):
+            torch.nn.init.normal_(module.weight)
+            torch.nn.init.normal_(module.bias)
+    return sampler, embed, lm, torch.randint(0, V, (B,)), torch.randn(B, k, d)
 
 
-def test_draft_chain_feeds_each_draft_back(kernel_mode):
+@pytest.mark.parametrize("token_table", [True, False])
+def test_draft_chain_feeds_each_draft_back(kernel_mode, monkeypatch, token_table):
+    if not token_table:  # the per-step product a model with a large vocabulary takes
+        monkeypatch.setattr(sampler_ops, "TOKEN_TABLE_MAX_BYTES", 0)
     k = 4
-    mlp, embed, lm, first, latents = draft_chain_inputs(V=50, d=16, B=3, k=k, seed=0)
+    sampler, embed, lm, first, latents = draft_chain_inputs(V=50, d=16, B=3, k=k, seed=0)
     with torch.no_grad():
-        drafts = mtp_kernels.draft_chain(mlp, embed, lm, first, latents)
+        drafts = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
         previous = first
         for j in range(k):
-            expected = (mlp(torch.cat([embed[previous], latents[:, j]], -1)) @ lm.t()).argmax(-1)
+            logits = sampler(torch.cat([embed[previous], latents[:, j]], -1)).double() @ lm.double().t()
+            expected = logits.argmax(-1)
             assert torch.equal(drafts[:, j], expected)
             previous = expected
+
+
+def test_the_token_table_follows_the_sampler(monkeypatch):
+    sampler, embed, lm, first, latents = draft_chain_inputs(V=40, d=8, B=2, k=3, seed=5)
+    with torch.no_grad():
+        before = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
+        sampler.input_layer.weight[:, :8].mul_(-3.0)  # a training step on the token half, in place
+        after = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
+        monkeypatch.setattr(sampler_ops, "TOKEN_TABLE_MAX_BYTES", 0)
+        without_table = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
+    assert torch.equal(after, without_table) and not torch.equal(before, after)
+
+
+def test_a_sampler_that_does_not_fit_the_embeddings_is_named():
+    sampler, embed, lm, first, latents = draft_chain_inputs(V=30, d=8, B=2, k=3, seed=2)
+    with torch.no_grad(), pytest.raises(ValueError, match="input layer"):
+        mtp_kernels.draft_chain(SamplerHead(12), embed, lm, first, latents)
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.0, None, None), (0.8, None, None), (0.9, 5, 0.8)])
@@ -140,16 +166,16 @@ def test_prepacked_choice_in_half_precision_is_the_plain_one(dtype):
 
 
 def test_prepacked_draft_chain_equals_the_plain_one():
-    mlp, embed, lm, first, latents = draft_chain_inputs(V=300, d=16, B=2, k=5, seed=1)
+    sampler, embed, lm, first, latents = draft_chain_inputs(V=300, d=16, B=2, k=5, seed=1)
     with torch.no_grad():
-        assert torch.equal(mtp_kernels.draft_chain(mlp, embed, lm, first, latents, prepacked=True),
-                           mtp_kernels.draft_chain(mlp, embed, lm, first, latents))
+        assert torch.equal(mtp_kernels.draft_chain(sampler, embed, lm, first, latents, prepacked=True),
+                           mtp_kernels.draft_chain(sampler, embed, lm, first, latents))
 
 
 def test_sampling_drafts_need_noise_for_every_step():
-    mlp, embed, lm, first, latents = draft_chain_inputs(V=30, d=8, B=2, k=3, seed=2)
+    sampler, embed, lm, first, latents = draft_chain_inputs(V=30, d=8, B=2, k=3, seed=2)
     with torch.no_grad(), pytest.raises(ValueError, match="noise"):
-        mtp_kernels.draft_chain(mlp, embed, lm, first, latents, SamplingParams(0.7), exp_noise(2, 30, seed=3))
+        mtp_kernels.draft_chain(sampler, embed, lm, first, latents, SamplingParams(0.7), exp_noise(2, 30, seed=3))
 
 
 def test_sampler_head_computes_what_its_mlp_does():

@@ -8,7 +8,9 @@ Shapes: input_ids / attention_mask [B, P] (left padding), k masks, T tokens per 
 2. Step: anchor (last emitted token) + k drafts + mask blocks (quadratic or linear layout). The regular
    outputs are the verifier's tokens; the longest matching prefix of drafts is accepted, plus the bonus
    token after it. The next drafts come from the mask block after the last accepted token, seeded with
-   the bonus. Only the anchor's and the accepted drafts' KV is kept (`MTPCache.keep`).
+   the bonus. Only the anchor's and the accepted drafts' KV is kept (`MTPCache.keep`). In linear
+   decoding a rejection leaves no drafts (the only mask block followed the rejected one): when no row has
+   drafts the step is just [anchor, m1..mk], which verifies one token and drafts k afresh.
 Regular tokens never see mask tokens and their linears run without LoRA (gate 0), so their outputs are the
 base model's (up to rounding: a step multiplies T rows at once, on the CPU through oneDNN's prepacked
 weights, LM head included, where stock decoding multiplies one row): greedy output is stock greedy
@@ -199,10 +201,12 @@ class _Decoder:
         self.lm_weight = model.lm_head.weight
         self.device = self.lm_weight.device
         self.layout = step_layout(num_masks, num_masks, mode, self.device)
+        # Linear decoding after a rejection has no drafts: when no row has any, the step is [anchor, m1..mk]
+        # (k + 1 tokens instead of 2k + 1), which gives the same verified token and fresh drafts.
+        self.draftless_layout = step_layout(0, num_masks, mode, self.device) if mode == "linear" else None
+        self.step_template = _mask_template(self.layout, self.vocab_size)
+        self.draftless_template = self.draftless_layout and _mask_template(self.draftless_layout, self.vocab_size)
         self.mask_ids = self.vocab_size + torch.arange(num_masks, device=self.device)
-        # The step's token ids with masks filled in; regular slots are overwritten every step.
-        template = self.vocab_size + self.layout.mask_number - 1
-        self.step_template = template.masked_fill(self.layout.mask_number == 0, 0)
         self.cache_keyword = _cache_keyword(model.model)
         # Decided once per call, so that the projections of every forward skip prepacked_linear's checks.
         self.prepacked = packing_applies(self.device, model.dtype)
@@ -265,7 +269,7 @@ class _Decoder:
 
     def run(self, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, streamer, max_steps):
         B, P = input_ids.shape
-        k, T, device = self.k, self.layout.size, self.device
+        k, device = self.k, self.device
         output = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         stats = _Stats(k, self.mode)
         if max_new_tokens == 0:
@@ -273,7 +277,7 @@ class _Decoder:
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
-        cache = MTPCache(len(self.model.model.layers), B, P + k + max_new_tokens + T, device)
+        cache = MTPCache(len(self.model.model.layers), B, P + k + max_new_tokens + self.layout.size, device)
         cache.starts = P - attention_mask.sum(1)
         eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
         rows = torch.arange(B, device=device)
@@ -294,25 +298,31 @@ class _Decoder:
                              finished, eos, max_new_tokens, stats, streamer)
         drafts = self.draft(anchor, hidden[:, P:])
 
-        regular = self.layout.regular
         while not bool(finished.all()) and (max_steps is None or stats.steps < max_steps):
-            # A row without drafts (linear decoding after a rejection) puts the k masks in its draft slots:
-            # they sit at the masks' positions and see what a mask block after the anchor sees, so this step
-            # gives it one verified token and k fresh drafts (the paper's "verified + k masks" step).
             no_drafts = drafts[:, :1] < 0
-            ids = self.step_template.expand(B, T).clone()
-            ids[:, regular] = torch.cat([anchor[:, None], torch.where(no_drafts, self.mask_ids, drafts)], dim=1)
-            positions = anchor_position[:, None] + self.layout.position_offset
-            hidden = self.forward(ids, positions, cache, self.layout.block_mask)
+            if self.draftless_layout is not None and bool(no_drafts.all()):
+                layout, template, drafts = self.draftless_layout, self.draftless_template, drafts[:, :0]
+            else:
+                layout, template = self.layout, self.step_template
+            regular, T = layout.regular, layout.size
+            # A row without drafts in a step with drafts (linear decoding, batches) puts the k masks in its
+            # draft slots: they sit at the masks' positions and see what a mask block after the anchor sees,
+            # so the step gives it one verified token and k fresh drafts (the paper's "verified + k masks").
+            ids = template.expand(B, T).clone()
+            slots = torch.where(no_drafts, self.mask_ids[: drafts.shape[1]], drafts)
+            ids[:, regular] = torch.cat([anchor[:, None], slots], dim=1)
+            positions = anchor_position[:, None] + layout.position_offset
+            hidden = self.forward(ids, positions, cache, layout.block_mask)
 
             accepted, bonus = self.verify(hidden[:, regular], drafts)
             emitted = torch.cat([drafts, bonus[:, None]], dim=1)
             emitted[rows, accepted] = bonus
-            keep = torch.where(torch.arange(k + 1, device=device) <= accepted[:, None], regular, -1)
+            keep = torch.where(torch.arange(regular.shape[0], device=device) <= accepted[:, None], regular, -1)
             cache.keep(keep.masked_fill(finished[:, None], -1), T)
 
-            mask_rows = self.layout.masks[accepted]  # [B, k], -1 where the last accepted has no block
-            mask_rows = torch.where(no_drafts, regular[1:], mask_rows)
+            mask_rows = layout.masks[accepted]  # [B, k], -1 where the last accepted has no block
+            if drafts.shape[1]:
+                mask_rows = torch.where(no_drafts, regular[1:], mask_rows)
             mask_hidden = hidden.gather(1, mask_rows.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
             finished = self.emit(emitted, accepted + 1, output, generated, finished, eos, max_new_tokens, stats,
                                  streamer)
@@ -343,6 +353,11 @@ class _Decoder:
         stats.record(counts)
         generated += counts
         return finished | (generated >= max_new_tokens)
+
+
+def _mask_template(layout, vocab_size: int) -> torch.Tensor:
+    """A step's token ids [T] with its masks filled in (mask i = vocab_size + i - 1); regular slots 0."""
+    return (vocab_size + layout.mask_number - 1).masked_fill(layout.mask_number == 0, 0)
 
 
 class _Stats:

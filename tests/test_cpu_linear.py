@@ -149,8 +149,8 @@ def test_the_merged_weight_follows_its_lora_factors():
 
 
 def test_decoding_merges_lora_for_short_steps_only(monkeypatch):
-    """Linear decoding with 2 masks feeds 5 tokens a step (merged, as is the prefill's 4 + 2); quadratic with
-    5 masks, 36 (not merged; its prefill's 4 + 5 is)."""
+    """Linear decoding with 2 masks feeds 5 tokens a step, 3 without drafts (merged, as is the prefill's
+    4 + 2); quadratic with 5 masks, 36 (not merged; its prefill's 4 + 5 is)."""
     model = mtp_model.patch(tiny_model(), mtp_model.MTPConfig(num_masks=5, lora_rank=4))
     rows = []
     original = cpu_linear.gated_lora_on_packed
@@ -158,7 +158,7 @@ def test_decoding_merges_lora_for_short_steps_only(monkeypatch):
                         lambda x, *args: rows.append(x.shape[-2]) or original(x, *args))
     ids = torch.tensor([[5, 6, 7, 8]])
     model.generate(ids, max_new_tokens=6, do_sample=False, num_masks=2, decoding="linear")
-    assert set(rows) == {5, 6}
+    assert {5, 6} <= set(rows) <= {3, 5, 6}
     rows.clear()
     model.generate(ids, max_new_tokens=6, do_sample=False, num_masks=5, decoding="quadratic")
     assert set(rows) == {9}

@@ -99,10 +99,17 @@ def test_after_a_rejection_the_next_drafts_follow_the_last_accepted_token(monkey
     max_new_tokens = 1 + rounds * tokens_per_round
     expected = stock_greedy(model, ids, mask, max_new_tokens)
     _oracle(monkeypatch, expected[0, ids.shape[1] :], num_masks, last_wrong=True)
+    step_sizes = []
+    forward = decoding._Decoder.forward
+    monkeypatch.setattr(decoding._Decoder, "forward", lambda self, ids, *args: step_sizes.append(ids.shape[1])
+                        or forward(self, ids, *args))
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, decoding=mode)
     assert torch.equal(out, expected)
     histogram = model.mtp_stats["tokens_per_step_histogram"]
     assert histogram == ({1: 1, num_masks: rounds} if mode == "quadratic" else {1: 1 + rounds, num_masks: rounds})
+    # Linear steps without drafts feed only [anchor, m1..mk].
+    step_tokens = {(num_masks + 1) ** 2} if mode == "quadratic" else {2 * num_masks + 1, num_masks + 1}
+    assert set(step_sizes[1:]) == step_tokens
 
 
 def test_stops_at_eos_inside_an_accepted_run(monkeypatch):

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from mtp_kernels import backend
 from mtp_kernels.derived import derived
 
-# Where merging the LoRA into a second copy of the weight beats adding it: up to this many rows, through
-# weights of up to this many elements (see gated_lora_on_packed).
+# Where merging the LoRA into a second copy of the weight beats adding it (see gated_lora_on_packed): up to
+# this many rows, and weights of up to this many elements (4 MB of fp32; past that a product's cost is its
+# bytes, and twice the width would cost twice as much).
 MERGED_LORA_MAX_ROWS = 32
 MERGED_LORA_MAX_WEIGHT = 1 << 20
 

@@ -341,8 +341,10 @@ def draft_chain(sampler, embed_weight, lm_weight, first_tokens, latents, params=
     drafts = []
     previous = first_tokens
     for j in range(k):
-        token_terms = table[previous] if table is not None else F.linear(embed_weight[previous].to(token_weight.dtype),
-                                                                         token_weight)
+        if table is not None:
+            token_terms = table[previous]
+        else:
+            token_terms = F.linear(embed_weight[previous].to(token_weight.dtype), token_weight)
         hidden = sampler.body(token_terms + latent_terms[:, j])
         previous = _choose(hidden, lm_weight, params, None if noise is None else noise[:, j], prepacked)
         drafts.append(previous)

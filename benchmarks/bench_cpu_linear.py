@@ -6,7 +6,9 @@ project's 2-core EPYC, one thread: 25 x 256->768 takes 52 us prepacked against 1
 299; one row is faster through F.linear (11 against 18 us), which is why only MTP's forwards pack.
 The prepacked test's extra_info holds `vs_f_linear`: F.linear's median time over its own, timed back to
 back in the same test. The gated-LoRA pair times a decoding step's LoRA projection added (three more small
-products) against merged into the weight (one product twice as wide), at 15-81 rows.
+ops) against merged into the weight (one product twice as wide), at 15-81 rows. Alone in this hot loop
+the merged one is slower except at 256->256 x 15 rows (34 against 32 us; 47 against 55 at 256->768);
+inside a decoding step it is the faster one up to 32 rows (`mtp_kernels/cpu_linear.py` has the A/B).
 """
 
 import itertools

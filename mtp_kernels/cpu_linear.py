@@ -21,11 +21,14 @@ through `choose_tokens(..., prepacked=True)` (the 4096 x 256 head over 2-9 rows:
 
 `gated_lora_on_packed(x, weight, bias, lora_a, lora_b, scaling, gated_from)`: the LoRA term added to the
 tokens from `gated_from` on (a step's mask tokens, which the step layout puts last) by one product against
-the packed pair [W; W + scaling B A]. A step's LoRA costs three more small ops per projection (A, the row
-mask, B), each mostly fixed overhead; one product twice as wide costs less up to about 32 rows through the
-demo model's weights. In-process A/B on the demo model (2-core EPYC, medians of alternating runs), ms per
-step: 7 masks linear (15 rows) 7.18 -> 6.54, 4 masks quadratic (25 rows) 5.86 -> 5.60; but 5 quadratic
-(36 rows) 6.10 -> 6.22 and 8 quadratic (81 rows) 9.59 -> 10.33, hence `merged_lora_applies`.
+the packed pair [W; W + scaling B A], instead of the base product plus the LoRA's own three small ops (A,
+the row mask, B). Timed alone in a hot loop (`benchmarks/bench_cpu_linear.py`) the wide product is not
+faster: 7% faster at 256->256 x 15 rows, 7-30% slower elsewhere. Inside a decoding step, one op instead
+of four per projection is what counts: in-process A/B on the demo model (2-core EPYC, medians of
+alternating runs), ms per step, 7 masks linear (15 rows) 7.18 -> 6.54 and 5.48 -> 5.20, 4 masks
+quadratic (25 rows) 5.86 -> 5.60; over all 60 held-out prompts, interleaved with stock greedy as `mtp
+eval` does, 7 masks linear went from x1.87 to x1.99. Past 32 rows it lost (5 quadratic, 36 rows: 6.10 ->
+6.22; 8 quadratic, 81 rows: 9.59 -> 10.33), hence `merged_lora_applies`.
 """
 
 from __future__ import annotations
@@ -100,10 +103,10 @@ def gated_lora_on_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     `linear_on_packed`'s preconditions. Returns [..., T, out], a view of a [..., T, 2 out] product.
 
     One product against the packed pair [W; W + scaling B A] (bias [b; b]) gives every token both its base
-    and its LoRA-merged output; the gated tokens' merged half is then copied over their base half. For a few
-    rows through a small weight a product costs mostly its fixed overhead, so twice the output width costs
-    less than the LoRA's own two products and its row mask (`merged_lora_applies`). The base half is the
-    plain packed product, so ungated rows are what `linear_on_packed` gives, up to oneDNN's blocking.
+    and its LoRA-merged output; the gated tokens' merged half is then copied over their base half: two ops
+    where adding the LoRA takes four, which pays inside a decoding step up to `merged_lora_applies`' size
+    (see the module docstring). The base half is the plain packed product, so ungated rows are what
+    `linear_on_packed` gives, up to oneDNN's blocking.
     """
     out_features = weight.shape[0]
 

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from mtp_kernels import backend, reference
+from mtp_kernels.checks import FLOAT_DTYPES, check_tensor
 from mtp_kernels.cpu_linear import prepacked_linear
 from mtp_kernels.derived import derived
-from mtp_kernels.checks import FLOAT_DTYPES, check_tensor
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -205,7 +205,8 @@ class _Decoder:
         # (k + 1 tokens instead of 2k + 1), which gives the same verified token and fresh drafts.
         self.draftless_layout = step_layout(0, num_masks, mode, self.device) if mode == "linear" else None
         self.step_template = _mask_template(self.layout, self.vocab_size)
-        self.draftless_template = self.draftless_layout and _mask_template(self.draftless_layout, self.vocab_size)
+        self.draftless_template = None if self.draftless_layout is None else _mask_template(self.draftless_layout,
+                                                                                             self.vocab_size)
         self.mask_ids = self.vocab_size + torch.arange(num_masks, device=self.device)
         self.cache_keyword = _cache_keyword(model.model)
         # Decided once per call, so that the projections of every forward skip prepacked_linear's checks.

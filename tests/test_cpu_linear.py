@@ -148,6 +148,18 @@ def test_the_merged_weight_follows_its_lora_factors():
                                rtol=1e-5, atol=1e-4)
 
 
+def test_the_merged_weight_is_freed_with_any_of_its_sources():
+    x = torch.randn(4, 12)
+    weight, lora_a, lora_b = torch.randn(10, 12), torch.randn(3, 12), torch.randn(10, 3)
+    key = derived.cache_key("merged-lora", (weight, lora_a, lora_b), 2.0)
+    with torch.no_grad():
+        cpu_linear.gated_lora_on_packed(x, weight, None, lora_a, lora_b, 2.0, 1)
+    assert key in derived._cache
+    del lora_b  # an adapter's factor replaced or unloaded: its merged copy must not outlive it
+    gc.collect()
+    assert key not in derived._cache
+
+
 def test_decoding_merges_lora_for_short_steps_only(monkeypatch):
     """Linear decoding with 2 masks feeds 5 tokens a step, 3 without drafts (merged, as is the prefill's
     4 + 2); quadratic with 5 masks, 36 (not merged; its prefill's 4 + 5 is)."""

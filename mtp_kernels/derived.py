@@ -4,10 +4,10 @@ with their LoRA merged in (`cpu_linear.gated_lora_on_packed`) and the sampler's 
 (`sampler.draft_chain`).
 
 An entry is keyed by `kind`, any `extra` hashables and the identity of each source tensor; it holds a weak
-reference to each source and each source's (data pointer, version). Decoding asks for these values in every
-projection of every step, so the check is kept to that comparison (about 1-2 us). An in-place update bumps the version
+reference to each source and each source's (data pointer, version). An in-place update bumps the version
 and `.to()` makes a new tensor, so either rebuilds the value; a freed source drops the entry, and with it
-the value. (A WeakKeyDictionary would compare tensors with ==, which is elementwise.)
+the value. (A WeakKeyDictionary would compare tensors with ==, which is elementwise.) Decoding asks for
+these values in every projection of every step, so a lookup is that one comparison (about 1-2 us).
 """
 
 from __future__ import annotations

@@ -161,9 +161,9 @@ def draw_chart(results: dict, path: str | Path) -> bool:
         for mode, style in zip(MODES, ("-", "--")):
             sweep = _sweep(result["runs"], mode)
             masks = [r["num_masks"] for r in sweep]
-            label = f"{domain}, {mode}"
-            steps_axis.plot(masks, [r["tokens_per_step"] for r in sweep], style, marker="o", color=f"C{index}", label=label)
-            speed_axis.plot(masks, [r["speedup"] for r in sweep], style, marker="o", color=f"C{index}", label=label)
+            line = {"marker": "o", "color": f"C{index}", "label": f"{domain}, {mode}"}
+            steps_axis.plot(masks, [r["tokens_per_step"] for r in sweep], style, **line)
+            speed_axis.plot(masks, [r["speedup"] for r in sweep], style, **line)
     steps_axis.set_ylabel("tokens per step")
     speed_axis.set_ylabel("speed-up over stock greedy (wall clock)")
     speed_axis.axhline(1.0, color="grey", linewidth=0.8)

@@ -15,8 +15,8 @@ GPU (decoding at small batch) and the cache is long, the prefix is split across 
 flash-decoding: each writes its unnormalised (max, sum, accumulator) and a second kernel merges them.
 
 CPU (outside the interpreter): torch's SDPA over the live slots with a materialised [B, T, S] mask, built
-once per forward and shared by its layers (`_VisibilityMemo`); `reference.tree_attention` stays the
-definition the tests hold both paths to.
+once per forward and shared by its layers (`visibility_mask`, which a caller running SDPA itself can use);
+`reference.tree_attention` stays the definition the tests hold both paths to.
 """
 
 from __future__ import annotations
@@ -234,6 +234,13 @@ def _same(kept, given) -> bool:
 _visibility = _VisibilityMemo()
 
 
+def visibility_mask(lengths, block_mask, starts, dtype) -> tuple[int, torch.Tensor]:
+    """(live, mask): the number of cache slots any query of the block may see, max(lengths) + T, and the
+    additive SDPA mask [B, 1, T, live] in `dtype` (0 visible, -inf not) that tree attention applies over
+    them. Memoised while the three inputs keep their values (every layer of a forward asks for the same)."""
+    return _visibility.get(lengths, block_mask, starts, dtype)
+
+
 def _dense_attention(q, k, v, lengths, block_mask, scale, starts):
     """The CPU path: SDPA with a materialised mask over the live slots, in fp32 (fp64 for fp64 inputs).
 
@@ -242,7 +249,7 @@ def _dense_attention(q, k, v, lengths, block_mask, scale, starts):
     zero output, as the op requires.
     """
     wide = torch.promote_types(q.dtype, torch.float32)
-    live, mask = _visibility.get(lengths, block_mask, starts, wide)
+    live, mask = visibility_mask(lengths, block_mask, starts, wide)
     out = F.scaled_dot_product_attention(
         q.to(wide), k[:, :, :live].to(wide), v[:, :, :live].to(wide), attn_mask=mask, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],

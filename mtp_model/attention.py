@@ -3,7 +3,8 @@
 - `MTPCache(config, batch_size, max_slots, ...)`: a transformers `Cache` whose layers are preallocated
   [B, Hkv, S, D] buffers. `lengths` [B] holds each row's number of kept entries and `starts` [B] where its
   real tokens begin (left padding stays in the cache prefix and is never attended to). `update()` writes
-  a forward's T new entries of row b at [lengths[b], lengths[b] + T) and returns the whole buffers;
+  a forward's T new entries of row b at [lengths[b], lengths[b] + T) (`write` takes them already laid out
+  [B, T, Hkv, D], with `write_index` computed once per forward) and returns the whole buffers;
   `keep(keep_index)` then compacts the entries worth keeping (all layers in one `kv_compact` call) and
   advances the lengths.
 - `StepAttention`: what one MTP forward tells every attention layer (lengths, starts, the T x T block
@@ -58,15 +59,19 @@ class MTPCacheLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
+        index = self.owner.write_index(key_states.shape[2])
+        return self.write(key_states.transpose(1, 2), value_states.transpose(1, 2), index)
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores a forward's keys and values [B, T, Hkv, D] at `index` (`MTPCache.write_index(T)`); returns
+        the whole [B, Hkv, S, D] buffers."""
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+            self.lazy_initialization(keys.transpose(1, 2), values.transpose(1, 2))
         # The decoding loop sizes the cache so every block fits; checking here would sync every layer.
-        batch, _, new_tokens, _ = key_states.shape
-        rows = torch.arange(batch, device=key_states.device)[:, None]
-        slots = self.owner.lengths[:, None] + torch.arange(new_tokens, device=key_states.device)  # [B, T]
+        rows, slots = index
         # Advanced indices around a slice put their dims first: the target view is [B, T, H, D].
-        self.keys[rows, :, slots] = key_states.transpose(1, 2)
-        self.values[rows, :, slots] = value_states.transpose(1, 2)
+        self.keys[rows, :, slots] = keys
+        self.values[rows, :, slots] = values
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -87,6 +92,11 @@ class MTPCache(Cache):
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.starts = torch.zeros(batch_size, dtype=torch.long, device=device)
         super().__init__(layers=[MTPCacheLayer(self) for _ in range(num_layers)])
+
+    def write_index(self, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a forward's `new_tokens` entries go: (rows [B, 1], slots [B, T]) after each row's kept ones."""
+        rows = torch.arange(self.lengths.shape[0], device=self.lengths.device)[:, None]
+        return rows, self.lengths[:, None] + torch.arange(new_tokens, device=self.lengths.device)
 
     def step_attention(self, block_mask: torch.Tensor) -> StepAttention:
         return StepAttention(self.lengths, self.starts, block_mask)

@@ -11,6 +11,8 @@ Shapes: input_ids / attention_mask [B, P] (left padding), k masks, T tokens per 
    the bonus. Only the anchor's and the accepted drafts' KV is kept (`MTPCache.keep`). In linear
    decoding a rejection leaves no drafts (the only mask block followed the rejected one): when no row has
    drafts the step is just [anchor, m1..mk], which verifies one token and drafts k afresh.
+Forwards run the model's own decoder stack, except on the CPU in fp32, where `StepForward` (the same stack
+written out without transformers' per-layer plumbing) runs them for the models it recognises.
 Regular tokens never see mask tokens and their linears run without LoRA (gate 0), so their outputs are the
 base model's (up to rounding: a step multiplies T rows at once, on the CPU through oneDNN's prepacked
 weights, LM head included, where stock decoding multiplies one row): greedy output is stock greedy
@@ -35,6 +37,7 @@ from mtp_kernels.sampler import SamplingParams, head_logits
 from mtp_model.attention import MTPCache
 from mtp_model.layout import step_layout
 from mtp_model.patch import embed_tokens, gate_context
+from mtp_model.step_forward import StepForward
 
 # Generation options MTP decoding does not implement, with the value that means "off".
 UNSUPPORTED_OPTIONS = {
@@ -211,12 +214,15 @@ class _Decoder:
         self.cache_keyword = _cache_keyword(model.model)
         # Decided once per call, so that the projections of every forward skip prepacked_linear's checks.
         self.prepacked = packing_applies(self.device, model.dtype)
+        self.step_forward = StepForward.build(model) if self.prepacked else None
 
     # --- one forward ----------------------------------------------------------------------------------
 
     def forward(self, ids, positions, cache, block_mask):
         """[B, T] ids (masks included) at [B, T] positions -> last hidden states [B, T, d]."""
         with gate_context(self.model, ids >= self.vocab_size, prepacked=self.prepacked):
+            if self.step_forward is not None:
+                return self.step_forward(embed_tokens(self.model, ids), positions, cache, block_mask)
             output = self.model.model(
                 inputs_embeds=embed_tokens(self.model, ids),
                 position_ids=positions,

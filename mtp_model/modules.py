@@ -14,7 +14,8 @@
   result as the op, bit for bit, unless the context is `prepacked`. A prepacked forward whose gate is the
   same suffix of every row (`GateContext.gated_from`: a decoding step's masks come last) and that has few
   rows runs each linear as one product against its weight paired with its LoRA-merged copy
-  (`cpu_linear.gated_lora_on_packed`).
+  (`cpu_linear.gated_lora_on_packed`). `gated_lora_prepacked` is that prepacked product as a function of
+  the weights, which `step_forward` calls without the module.
 - `SamplerHead(hidden_size)`: `[embed(prev); z]` [N, 2d] -> Linear -> SiLU -> LayerNorm -> Linear -> SiLU
   -> LayerNorm -> [N, d]; its output goes through the model's own LM head. `input_layer` and `body` (the
   rest) let the draft chain compute the input layer's two halves apart (`mtp_kernels.draft_chain`).
@@ -110,16 +111,26 @@ class GatedLoRALinear(nn.Module):
         # F.linear rejects an x of the wrong width, dtype or device. The gate's shape is what is left.
         if gate.shape != x.shape[:-1]:
             raise ValueError(f"the gate has shape {tuple(gate.shape)} but x's leading shape is {tuple(x.shape[:-1])}")
-        packed = context.prepacked and base.dtype == torch.float32
-        if packed and context.gated_from is not None and merged_lora_applies(x.numel() // x.shape[-1], base):
-            return gated_lora_on_packed(x, base, self.base_layer.bias, lora_a, lora_b, self.scaling,
-                                        context.gated_from)
-        row_mask = context.row_mask(x.dtype)
-        out = (linear_on_packed if packed else F.linear)(x, base, self.base_layer.bias)
-        return reference.add_masked_lora(out, x, lora_a, lora_b, self.scaling, row_mask)
+        if context.prepacked and base.dtype == torch.float32:
+            return gated_lora_prepacked(x, base, self.base_layer.bias, lora_a, lora_b, self.scaling, context)
+        out = F.linear(x, base, self.base_layer.bias)
+        return reference.add_masked_lora(out, x, lora_a, lora_b, self.scaling, context.row_mask(x.dtype))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"
+
+
+def gated_lora_prepacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                         lora_b: torch.Tensor, scaling: float, context: GateContext) -> torch.Tensor:
+    """A gated LoRA linear in a prepacked forward (fp32 CPU decoding, no checks): the plain packed product
+    without a gate, one product against the LoRA-merged pair for a suffix gate over few rows, else the
+    packed product plus the masked LoRA term."""
+    if context.gate is None:
+        return linear_on_packed(x, weight, bias)
+    if context.gated_from is not None and merged_lora_applies(x.numel() // x.shape[-1], weight):
+        return gated_lora_on_packed(x, weight, bias, lora_a, lora_b, scaling, context.gated_from)
+    out = linear_on_packed(x, weight, bias)
+    return reference.add_masked_lora(out, x, lora_a, lora_b, scaling, context.row_mask(x.dtype))
 
 
 class SamplerHead(nn.Module):

@@ -1,0 +1,164 @@
+"""The written-out decoding forward (`step_forward`) computes what the model's own forward computes through
+the MTP attention, for every family and the model options that change a layer, and steps aside where it
+would not."""
+
+import pytest
+import torch
+from helpers import FAMILIES, left_padded_prompts, randomize_adapter, stock_greedy, tiny_model
+from torch import nn
+
+import mtp_model
+from mtp_model import decoding
+from mtp_model.attention import MTPCache
+from mtp_model.layout import step_layout
+from mtp_model.step_forward import StepForward
+
+VARIANTS = [(family, {}) for family in sorted(FAMILIES)] + [
+    ("llama", {"attention_bias": True, "mlp_bias": True, "hidden_act": "gelu"}),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 32}}),
+    ("qwen3", {"num_key_value_heads": 4}),  # no grouping
+]
+
+
+def patched(family, seed=0, num_masks=3, target_modules=None, **options):
+    model = tiny_model(family, seed=seed, **options)
+    config = mtp_model.MTPConfig(num_masks=num_masks, lora_rank=4)
+    if target_modules is not None:
+        config.target_modules = target_modules
+    mtp_model.patch(model, config)
+    return randomize_adapter(model, seed=seed)
+
+
+def decoder(model, written_out: bool, num_masks=3, mode="quadratic"):
+    params = mtp_model.decoding.SamplingParams()
+    run = decoding._Decoder(model, num_masks=num_masks, mode=mode, use_sampler=True, params=params, generator=None)
+    assert run.prepacked  # the path this forward belongs to: fp32 on the CPU
+    if not written_out:
+        run.step_forward = None
+    return run
+
+
+def prefill_then_step(run, ids, attention_mask, step_ids_of):
+    """Hidden states of a prefill (prompt + masks) and of one quadratic step after it, and the cache."""
+    B, P = ids.shape
+    k = run.k
+    cache = MTPCache(len(run.model.model.layers), B, P + 4 * run.layout.size, ids.device)
+    cache.starts = P - attention_mask.sum(1)
+    positions = (torch.arange(P) - cache.starts[:, None]).clamp(min=0)
+    prefill_ids = torch.cat([ids, run.mask_ids.expand(B, k)], dim=1)
+    prefill_positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(k)], dim=1)
+    causal = torch.ones(P + k, P + k, dtype=torch.bool).tril()
+    first = run.forward(prefill_ids, prefill_positions, cache, causal)
+    cache.keep(torch.arange(P).expand(B, P).contiguous(), P + k)
+    layout = run.layout
+    step = run.forward(step_ids_of(layout), positions[:, -1:] + 1 + layout.position_offset, cache, layout.block_mask)
+    return first, step, cache
+
+
+@pytest.mark.parametrize("family, options", VARIANTS, ids=lambda v: v if isinstance(v, str) else "-".join(v) or "")
+def test_matches_the_model_forward(family, options):
+    model = patched(family, seed=1, **options)
+    ids, attention_mask = left_padded_prompts([7, 3, 10], model.config.vocab_size, seed=1)
+    generator = torch.Generator().manual_seed(1)
+
+    def step_ids(layout):  # the step's template with random regular tokens in the regular slots
+        template = decoding._mask_template(layout, model.config.vocab_size).expand(3, layout.size).clone()
+        template[:, layout.regular] = torch.randint(3, model.config.vocab_size, (3, layout.regular.shape[0]),
+                                                    generator=generator)
+        return template
+
+    fast = decoder(model, written_out=True)
+    assert fast.step_forward is not None
+    reference = decoder(model, written_out=False)
+    with torch.no_grad():
+        fast_out = prefill_then_step(fast, ids, attention_mask, step_ids)
+        generator.manual_seed(1)
+        reference_out = prefill_then_step(reference, ids, attention_mask, step_ids)
+    for got, want in zip(fast_out[:2], reference_out[:2]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fast_out[2].layers, reference_out[2].layers):
+        torch.testing.assert_close(got.keys, want.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
+
+
+def test_a_gate_that_is_not_one_suffix_and_a_wide_step():
+    # Masks scattered through the block (a batch row without drafts puts its masks in the draft slots) take
+    # the masked-LoRA path; 8 masks quadratic (81 tokens) is past the merged product's row limit.
+    model = patched("llama", seed=2, num_masks=8)
+    ids, attention_mask = left_padded_prompts([4, 9], model.config.vocab_size, seed=2)
+
+    def scattered(layout):
+        template = decoding._mask_template(layout, model.config.vocab_size).expand(2, layout.size).clone()
+        template[:, layout.regular] = 5
+        template[1, layout.regular[1:]] = model.config.vocab_size + torch.arange(layout.regular.shape[0] - 1)
+        return template
+
+    with torch.no_grad():
+        fast = prefill_then_step(decoder(model, True, num_masks=8), ids, attention_mask, scattered)
+        reference = prefill_then_step(decoder(model, False, num_masks=8), ids, attention_mask, scattered)
+    torch.testing.assert_close(fast[1], reference[1], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_some_projections_only_and_generation_unchanged():
+    model = tiny_model("qwen2", seed=4)
+    ids, attention_mask = left_padded_prompts([6, 2], model.config.vocab_size, seed=4)
+    expected = stock_greedy(model, ids, attention_mask, 20)
+    config = mtp_model.MTPConfig(num_masks=4, lora_rank=4)
+    config.target_modules = ["q_proj", "v_proj", "down_proj"]
+    mtp_model.patch(model, config)
+    randomize_adapter(model, seed=4)
+    assert StepForward.build(model) is not None
+    for mode in ("quadratic", "linear"):
+        out = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=20, decoding=mode)
+        assert torch.equal(out, expected)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class CustomLayer(nn.Module):
+    pass
+
+
+@pytest.mark.parametrize("change", ["forward hook", "pre-hook on a norm", "global hook", "custom projection",
+                                    "subclassed layer", "unknown norm"])
+def test_steps_aside_for_what_it_does_not_know(change):
+    model = patched("llama", seed=3)
+    ids, attention_mask = left_padded_prompts([5, 8], model.config.vocab_size, seed=3)
+    layer = model.model.layers[1]
+    handle = None
+    if change == "forward hook":
+        handle = layer.mlp.register_forward_hook(lambda module, args, out: out * 0.5)
+    elif change == "pre-hook on a norm":
+        handle = layer.input_layernorm.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    elif change == "global hook":
+        handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    elif change == "custom projection":
+        old = layer.mlp.up_proj.base_layer
+        layer.mlp.up_proj = ScaledLinear(old.in_features, old.out_features, bias=False)
+    elif change == "subclassed layer":
+        layer.__class__ = type("MyLayer", (type(layer),), {})
+    else:
+        layer.post_attention_layernorm = nn.LayerNorm(model.config.hidden_size)
+    try:
+        assert StepForward.build(model) is None
+        # Decoding then runs the model's own forward, so whatever the change does, MTP output is its greedy.
+        with torch.no_grad():
+            expected = stock_greedy(model, ids, attention_mask, 16)
+        out = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=16)
+        assert torch.equal(out, expected)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def test_not_used_off_the_prepacked_path(monkeypatch):
+    monkeypatch.setenv("MTP_KERNELS", "reference")
+    model = patched("llama", seed=5)
+    run = decoding._Decoder(model, num_masks=3, mode="linear", use_sampler=True,
+                            params=mtp_model.decoding.SamplingParams(), generator=None)
+    assert not run.prepacked and run.step_forward is None

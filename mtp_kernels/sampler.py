@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from mtp_kernels import backend, reference
 from mtp_kernels.checks import FLOAT_DTYPES, check_tensor
-from mtp_kernels.cpu_linear import prepacked_linear
+from mtp_kernels.cpu_linear import linear_on_packed, packing_applies, prepacked_linear
 from mtp_kernels.derived import derived
 
 @dataclass(frozen=True)
@@ -338,6 +338,11 @@ def draft_chain(sampler, embed_weight, lm_weight, first_tokens, latents, params=
     token_weight, latent_weight = input_layer.weight[:, :d], input_layer.weight[:, d:]
     latent_terms = F.linear(latents.to(latent_weight.dtype), latent_weight, input_layer.bias)  # [B, k, h]
     table = _token_table(embed_weight, input_layer.weight)
+    # Greedy drafts on the packed head: each step's choice is one product and an argmax, with prepacked_linear's
+    # checks made here once instead of per step.
+    packed_argmax = (params.greedy and prepacked and latent_terms.dtype == lm_weight.dtype
+                     and not (torch.is_grad_enabled() and lm_weight.requires_grad)
+                     and packing_applies(lm_weight.device, lm_weight.dtype))
     drafts = []
     previous = first_tokens
     for j in range(k):
@@ -346,7 +351,10 @@ def draft_chain(sampler, embed_weight, lm_weight, first_tokens, latents, params=
         else:
             token_terms = F.linear(embed_weight[previous].to(token_weight.dtype), token_weight)
         hidden = sampler.body(token_terms + latent_terms[:, j])
-        previous = _choose(hidden, lm_weight, params, None if noise is None else noise[:, j], prepacked)
+        if packed_argmax:
+            previous = linear_on_packed(hidden, lm_weight).argmax(dim=-1)
+        else:
+            previous = _choose(hidden, lm_weight, params, None if noise is None else noise[:, j], prepacked)
         drafts.append(previous)
     return torch.stack(drafts, dim=1)
 

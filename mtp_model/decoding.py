@@ -18,6 +18,9 @@ base model's (up to rounding: a step multiplies T rows at once, on the CPU throu
 weights, LM head included, where stock decoding multiplies one row): greedy output is stock greedy
 output, and sampling follows the model's distribution through the lossless acceptance rule. Rows stop on
 their own (EOS, max_new_tokens), exactly where stock generation stops, with the same padding after them.
+MTP attention sees the whole sequence: for a model with a sliding attention window (Mistral; Qwen2 and
+Qwen3 with use_sliding_window) a call whose sequences would outgrow the window goes to stock generate,
+with a warning.
 """
 
 from __future__ import annotations
@@ -127,6 +130,18 @@ def mtp_generate(
     max_new_tokens = config.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = config.max_length - input_ids.shape[1]
+    window = sliding_window(model)
+    longest = int(attention_mask.sum(1).max()) + max(0, max_new_tokens)
+    if window is not None and longest > window:
+        # MTP attention sees the whole sequence; past the window that would no longer be this model's output.
+        warnings.warn(
+            f"this model attends within a sliding window of {window} tokens, which MTP decoding does not "
+            f"implement, and this call's sequences reach {longest} tokens; handing it to stock generate",
+            stacklevel=2,
+        )
+        return type(model).generate(
+            model, input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer
+        )
     params = _sampling_params(config)
     eos = config.eos_token_id
     eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -157,6 +172,20 @@ def _sampling_params(config: GenerationConfig) -> SamplingParams:
     if temperature <= 0:
         raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
     return SamplingParams(temperature, config.top_k or None, config.top_p)  # top_k 0 means no top-k
+
+
+def sliding_window(model) -> int | None:
+    """The narrowest sliding attention window among the model's layers, None if every layer sees the whole
+    sequence. Qwen2 and Qwen3 attention modules carry their layer's window (None on full-attention layers);
+    Mistral's read the config's."""
+    windows = []
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        window = attention.sliding_window if hasattr(attention, "sliding_window") else getattr(
+            model.config, "sliding_window", None)
+        if window:
+            windows.append(int(window))
+    return min(windows, default=None)
 
 
 def _check_prompt(model, input_ids, attention_mask):

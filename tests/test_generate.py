@@ -217,6 +217,31 @@ def test_unsupported_options_go_to_stock_generate_with_a_warning():
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize(("family", "options"), [
+    ("mistral", {"sliding_window": 12}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 12, "max_window_layers": 1}),
+])
+def test_sequences_past_a_sliding_window_go_to_stock_generate(family, options):
+    model = tiny_model(family, seed=13, **options)
+    ids, mask = left_padded_prompts([4, 7], model.config.vocab_size, seed=13)
+    within, past = stock_greedy(model, ids, mask, 5), stock_greedy(model, ids, mask, 16)
+    mtp_model.patch(model, mtp_model.MTPConfig(num_masks=3, lora_rank=4))
+    randomize_adapter(model, seed=13)
+    assert decoding.sliding_window(model) == 12
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5)  # 7 + 5 tokens fit the window
+    assert torch.equal(out, within) and model.mtp_stats is not None
+    model.mtp_stats = None
+    with pytest.warns(UserWarning, match="sliding window of 12 tokens"):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16)
+    assert torch.equal(out, past) and model.mtp_stats is None
+
+
+def test_models_without_a_sliding_window():
+    assert decoding.sliding_window(patched("llama")) is None
+    assert decoding.sliding_window(patched("qwen2")) is None  # use_sliding_window is off by default
+    assert decoding.sliding_window(patched("mistral")) == 4096  # Mistral's default
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

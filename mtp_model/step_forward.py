@@ -11,6 +11,7 @@ sin from the model's own `rotary_emb`, so every rope type it knows); the step's 
 into the cache; SDPA under the step's visibility mask (grouped-query, the module's `scaling`); o_proj and
 the residual; RMSNorm, down(act(gate) * up) and the residual; then the final norm. Projections are the
 patch's gated LoRA products on prepacked weights (`modules.gated_lora_prepacked`), as in the module path.
+The hidden states and cache entries are bit for bit those of the model's own forward (tests/test_step_forward).
 
 Why: a decoding step on a small model is a few hundred small ops, and on the CPU each one's Python cost
 shows. The modeling files route every layer through module calls, keyword plumbing, the attention
@@ -117,6 +118,10 @@ class StepForward:
         B, T, _ = embeds.shape
         context = self.context
         cos, sin = self.rotary(embeds, positions)  # [B, T, D]
+        half = cos.shape[-1] // 2
+        # rotate_half(x) * sin = roll(x, half) * sin with its first half negated: one roll per tensor instead of
+        # two slices, a negation and a cat (the same products, so the same values).
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         cos, sin = cos[:, :, None], sin[:, :, None]  # over the heads of [B, T, H, D]
         live, mask = visibility_mask(cache.lengths, block_mask, cache.starts, embeds.dtype)
         index = cache.write_index(T)
@@ -139,10 +144,9 @@ class StepForward:
         return self.final_norm(hidden)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotary embedding on the rotate-half layout, x [B, T, H, D]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding on the rotate-half layout, x [B, T, H, D], with sin's first half negated."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class _Unsupported(Exception):

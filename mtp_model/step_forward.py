@@ -17,7 +17,8 @@ Why: a decoding step on a small model is a few hundred small ops, and on the CPU
 shows. The modeling files route every layer through module calls, keyword plumbing, the attention
 interface, the cache's `update` and tree attention's per-call input checks; here the per-forward work
 (rotary, cache index, visibility mask) is done once and each layer is its arithmetic. On the demo model
-(2-core EPYC, 7 masks linear) a step went from about 4.0 to 3.5 ms.
+(2-core EPYC, 7 masks linear, in-process A/B) a step went from about 4.4 to 3.7 ms, and the speed-up over
+stock greedy on 30 held-out prompts from x1.84 to x2.29.
 
 Used by `decoding` only on its prepacked path (fp32 CPU inference) and only when `build` recognises every
 piece: the stock decoder-layer classes of those families, plain or gated-LoRA linears with fp32 weights,

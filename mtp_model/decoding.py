@@ -35,7 +35,7 @@ from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import mtp_kernels
-from mtp_kernels.cpu_linear import packing_applies
+from mtp_kernels.cpu_linear import linear_on_packed, packing_applies
 from mtp_kernels.sampler import SamplingParams, head_logits
 from mtp_model.attention import MTPCache
 from mtp_model.layout import step_layout
@@ -270,6 +270,11 @@ class _Decoder:
     def verify(self, regular_hidden, drafts):
         """Regular outputs [B, n+1, d] and drafts [B, n] (-1: none) -> (accepted [B], next token [B])."""
         B, n1, _ = regular_hidden.shape
+        if self.params.greedy and self.prepacked:
+            # What choose_tokens and accept_greedy compute, without their per-call checks: this call's
+            # tensors were checked once (fp32 on the CPU, no autograd, drafts made here).
+            targets = linear_on_packed(regular_hidden, self.lm_weight).argmax(dim=-1)
+            return mtp_kernels.reference.accept_greedy(drafts, targets)
         if self.params.greedy:
             targets = mtp_kernels.choose_tokens(regular_hidden.reshape(B * n1, -1), self.lm_weight,
                                                 prepacked=self.prepacked).view(B, n1)

@@ -104,10 +104,11 @@ class StepForward:
         """The written-out forward of a patched `model`, or None where it would not compute what the model's
         own forward computes."""
         decoder = model.model
-        if not _is_stock(decoder, [type(layer) for layer in decoder.layers]) or _has_hooks(decoder):
+        used = decoder.layers[: model.config.num_hidden_layers]  # what the modeling files run
+        if not _is_stock(decoder, [type(layer) for layer in used]) or _has_hooks(decoder):
             return None
         try:
-            layers = [_read_layer(layer) for layer in decoder.layers]
+            layers = [_read_layer(layer) for layer in used]
             final_norm = _norm(decoder.norm)
         except _Unsupported:
             return None

@@ -39,7 +39,7 @@ from mtp_kernels.cpu_linear import linear_on_packed, packing_applies
 from mtp_kernels.sampler import SamplingParams, head_logits
 from mtp_model.attention import MTPCache
 from mtp_model.layout import step_layout
-from mtp_model.patch import embed_tokens, gate_context
+from mtp_model.patch import embed_tokens, gate_context, sliding_window
 from mtp_model.step_forward import StepForward
 
 # Generation options MTP decoding does not implement, with the value that means "off".
@@ -172,20 +172,6 @@ def _sampling_params(config: GenerationConfig) -> SamplingParams:
     if temperature <= 0:
         raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
     return SamplingParams(temperature, config.top_k or None, config.top_p)  # top_k 0 means no top-k
-
-
-def sliding_window(model) -> int | None:
-    """The narrowest sliding attention window among the model's layers, None if every layer sees the whole
-    sequence. Qwen2 and Qwen3 attention modules carry their layer's window (None on full-attention layers);
-    Mistral's read the config's."""
-    windows = []
-    for layer in model.model.layers:
-        attention = layer.self_attn
-        window = attention.sliding_window if hasattr(attention, "sliding_window") else getattr(
-            model.config, "sliding_window", None)
-        if window:
-            windows.append(int(window))
-    return min(windows, default=None)
 
 
 def _check_prompt(model, input_ids, attention_mask):

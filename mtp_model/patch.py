@@ -6,6 +6,9 @@ per-forward gate shared by every gated linear), wraps the target projections of 
 decoding and `forward` with one that also computes the MTP training loss (`forward(mtp_batch=...)`, see
 `training.mtp_forward`). The base model's weights are untouched and frozen; `unpatch(model)` restores it exactly.
 
+`sliding_window(model)` says whether the model attends within a sliding window (and how wide): MTP
+attention sees the whole sequence, so decoding and training refuse to run past it.
+
 Mask tokens live outside the model's vocabulary: in the id tensors this package builds, mask i is
 `vocab_size + i`. `embed_tokens` embeds such ids; the gate of a forward is `ids >= vocab_size`.
 """
@@ -37,6 +40,20 @@ def describe_model(model) -> dict:
         "vocab_size": config.vocab_size,
         "name_or_path": getattr(config, "_name_or_path", "") or "",
     }
+
+
+def sliding_window(model) -> int | None:
+    """The narrowest sliding attention window among the model's layers, None if every layer sees the whole
+    sequence. Qwen2 and Qwen3 attention modules carry their layer's window (None on full-attention layers);
+    Mistral's read the config's."""
+    windows = []
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        window = attention.sliding_window if hasattr(attention, "sliding_window") else getattr(
+            model.config, "sliding_window", None)
+        if window:
+            windows.append(int(window))
+    return min(windows, default=None)
 
 
 def is_patched(model) -> bool:

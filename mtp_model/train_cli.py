@@ -47,6 +47,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     import mtp_model
     from mtp_model.data import read_jsonl, self_distill, tokenize_pairs
+    from mtp_model.patch import sliding_window
     from mtp_model.training import LossWeights, MTPDataCollator, MTPTrainer, enable_gradient_checkpointing
 
     args = build_parser().parse_args(argv)
@@ -60,6 +61,10 @@ def train_main(argv: list[str] | None = None) -> int:
         pairs = self_distill(model, tokenizer, pairs, args.distill_max_new_tokens, batch_size=args.batch)
     examples = tokenize_pairs(tokenizer, pairs, args.max_length)
 
+    window = sliding_window(model)
+    if window is not None and args.max_length + args.num_masks > window:  # refused here, not hours in
+        raise SystemExit(f"mtp train: this model attends within a sliding window of {window} tokens, which MTP "
+                         f"training does not implement: --max-length plus --num-masks must be at most {window}")
     config = mtp_model.MTPConfig(num_masks=args.num_masks, lora_rank=args.rank, lora_alpha=args.alpha)
     mtp_model.patch(model, config)
     if args.gradient_checkpointing:

@@ -32,7 +32,7 @@ from transformers import Trainer
 from mtp_model.adapter import save_adapter
 from mtp_model.attention import PREFIX
 from mtp_model.layout import training_layout
-from mtp_model.patch import embed_tokens, gate_context
+from mtp_model.patch import embed_tokens, gate_context, sliding_window
 from mtp_model.training_attention import TrainingGrid
 
 IGNORE_INDEX = -100
@@ -129,6 +129,7 @@ def mtp_loss(model, batch: dict, weights: LossWeights = LossWeights()) -> tuple[
     """Total loss and its terms (floats, for logging) on a collated batch."""
     ids = batch["input_ids"]
     _check_checkpointing(model)
+    _check_window(model, batch["position_ids"])
     with gate_context(model, ids >= model.config.vocab_size):
         hidden = model.model(
             inputs_embeds=embed_tokens(model, ids),
@@ -159,6 +160,16 @@ def mtp_loss(model, batch: dict, weights: LossWeights = LossWeights()) -> tuple[
     total = weights.base * base + weights.sampler * sampler + weights.consistency * consistency
     terms = {"loss_base": base.item(), "loss_sampler": sampler.item(), "loss_consistency": consistency.item()}
     return total, terms
+
+
+def _check_window(model, positions: torch.Tensor) -> None:
+    window = sliding_window(model)
+    # The training layout's attention sees the whole sequence, as MTP decoding's does (which hands longer
+    # calls to stock generate): past the window, the regular tokens' states would not be the model's.
+    if window is not None and positions.numel() and int(positions.max()) + 1 > window:
+        raise ValueError(f"this model attends within a sliding window of {window} tokens, which MTP training "
+                         f"does not implement; this batch spans {int(positions.max()) + 1} positions (masks "
+                         f"included): train on shorter sequences (mtp train --max-length)")
 
 
 def mtp_forward(model, *args, mtp_batch: dict | None = None, loss_weights: LossWeights | None = None, **kwargs):

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import mtp_model
 from mtp_model import decoding
+from mtp_model.patch import sliding_window
 
 
 def generated_count(continuations):
@@ -227,7 +228,7 @@ def test_sequences_past_a_sliding_window_go_to_stock_generate(family, options):
     within, past = stock_greedy(model, ids, mask, 5), stock_greedy(model, ids, mask, 16)
     mtp_model.patch(model, mtp_model.MTPConfig(num_masks=3, lora_rank=4))
     randomize_adapter(model, seed=13)
-    assert decoding.sliding_window(model) == 12
+    assert sliding_window(model) == 12
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5)  # 7 + 5 tokens fit the window
     assert torch.equal(out, within) and model.mtp_stats is not None
     model.mtp_stats = None
@@ -237,9 +238,9 @@ def test_sequences_past_a_sliding_window_go_to_stock_generate(family, options):
 
 
 def test_models_without_a_sliding_window():
-    assert decoding.sliding_window(patched("llama")) is None
-    assert decoding.sliding_window(patched("qwen2")) is None  # use_sliding_window is off by default
-    assert decoding.sliding_window(patched("mistral")) == 4096  # Mistral's default
+    assert sliding_window(patched("llama")) is None
+    assert sliding_window(patched("qwen2")) is None  # use_sliding_window is off by default
+    assert sliding_window(patched("mistral")) == 4096  # Mistral's default
 
 
 @pytest.mark.parametrize(

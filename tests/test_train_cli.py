@@ -55,6 +55,16 @@ def test_train_command_writes_a_loadable_adapter(tmp_path):
     assert model.mtp_config.num_masks == 3
 
 
+def test_train_command_refuses_sequences_past_a_sliding_window(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model("mistral", vocab_size=len(WORDS), sliding_window=64).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "data.jsonl", counting_records(4))
+    with pytest.raises(SystemExit, match="sliding window of 64 tokens"):
+        main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "adapter"),
+              "--num-masks", "3", "--max-length", "62", "--steps", "1"])
+
+
 def test_chat_template_is_used_for_messages():
     template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}assistant :"
     tokenizer = tiny_tokenizer(chat_template=template)

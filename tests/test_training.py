@@ -243,6 +243,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(switch, tmp_path):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
 
 
+def test_batches_past_a_sliding_window_are_refused():
+    model = mtp_model.patch(tiny_model("mistral", sliding_window=16), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+    collator = MTPDataCollator(2, 96)
+    mtp_loss(model, collator(counting_examples(2, 96, length=15)))  # positions 0..15: within the window
+    with pytest.raises(ValueError, match="sliding window of 16 tokens"):
+        mtp_loss(model, collator(counting_examples(2, 96, length=16)))
+
+
 def test_transformers_own_checkpointing_is_refused():
     model = _checkpointing_model()
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

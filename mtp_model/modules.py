@@ -127,7 +127,7 @@ def gated_lora_prepacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     packed product plus the masked LoRA term."""
     if context.gate is None:
         return linear_on_packed(x, weight, bias)
-    if context.gated_from is not None and merged_lora_applies(x.numel() // x.shape[-1], weight):
+    if context.gated_from is not None and merged_lora_applies(x.numel() // x.shape[-1], weight.numel()):
         return gated_lora_on_packed(x, weight, bias, lora_a, lora_b, scaling, context.gated_from)
     out = linear_on_packed(x, weight, bias)
     return reference.add_masked_lora(out, x, lora_a, lora_b, scaling, context.row_mask(x.dtype))

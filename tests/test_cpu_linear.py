@@ -136,6 +136,21 @@ def test_merged_lora_matches_a_float64_gated_lora(lead, gated_from, with_bias):
     torch.testing.assert_close(out[..., :gated_from, :], base[..., :gated_from, :], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("gated_from", [0, 3, 7])
+def test_grouped_merged_lora_matches_each_member(gated_from):
+    torch.manual_seed(gated_from)
+    x = torch.randn(2, 7, 40)
+    members = [(torch.randn(out, 40), torch.randn(out) if with_bias else None, torch.randn(4, 40),
+                torch.randn(out, 4), scaling)
+               for out, with_bias, scaling in [(24, True, 0.5), (8, False, 2.0), (16, True, 1.0)]]
+    with torch.no_grad():
+        outs = cpu_linear.gated_lora_group_on_packed(x, members, gated_from)
+    assert [tuple(out.shape) for out in outs] == [(2, 7, 24), (2, 7, 8), (2, 7, 16)]
+    for out, (weight, bias, lora_a, lora_b, scaling) in zip(outs, members):
+        expected = fp64_gated_lora(x, weight, bias, lora_a, lora_b, scaling, gated_from)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_the_merged_weight_follows_its_lora_factors():
     x = torch.randn(7, 12)
     weight, lora_a, lora_b = torch.randn(10, 12), torch.randn(3, 12), torch.zeros(10, 3)

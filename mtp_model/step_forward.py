@@ -115,11 +115,11 @@ class _Layer:
 class StepForward:
     """One model's decoder stack, read once per generate call into plain tensors."""
 
-    def __init__(self, model, layers: list[_Layer]):
+    def __init__(self, model, layers: list[_Layer], final_norm: _Norm):
         self.context: GateContext = model.mtp_gate
         self.rotary = model.model.rotary_emb
         self.layers = layers
-        self.final_norm = _norm(model.model.norm)
+        self.final_norm = final_norm
 
     @classmethod
     def build(cls, model) -> StepForward | None:
@@ -134,9 +134,9 @@ class StepForward:
             final_norm = _norm(decoder.norm)
         except _Unsupported:
             return None
-        if final_norm is None or not hasattr(decoder, "rotary_emb"):
+        if not hasattr(decoder, "rotary_emb"):
             return None
-        return cls(model, layers)
+        return cls(model, layers, final_norm)
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, cache, block_mask: torch.Tensor) -> torch.Tensor:
         B, T, _ = embeds.shape
@@ -188,10 +188,12 @@ def _has_hooks(decoder) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in decoder.modules())
 
 
-def _norm(module) -> _Norm | None:
-    if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-        return _Norm(module.weight, float(module.variance_epsilon))
-    return None
+def _norm(module) -> _Norm:
+    """A stock family's RMSNorm (its own modeling file's class: x * rsqrt(mean(x^2) + eps) * weight)."""
+    cls = type(module)
+    if not (cls.__name__.endswith("RMSNorm") and any(cls.__module__ == stock[0] for stock in _STOCK_CLASSES)):
+        raise _Unsupported
+    return _Norm(module.weight, float(module.variance_epsilon))
 
 
 def _read_layer(layer) -> _Layer:
@@ -202,8 +204,6 @@ def _read_layer(layer) -> _Layer:
     norms = [_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)]
     q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
     head_norms = (None, None) if q_norm is None and k_norm is None else (_norm(q_norm), _norm(k_norm))
-    if None in norms or (q_norm is not None and None in head_norms):
-        raise _Unsupported
     qkv = _ProjectionGroup.of(projections["q_proj"], projections["k_proj"], projections["v_proj"])
     gate_up = _ProjectionGroup.of(projections["gate_proj"], projections["up_proj"])
     return _Layer(norms[0], qkv, *head_norms, projections["o_proj"], norms[1], gate_up, projections["down_proj"],

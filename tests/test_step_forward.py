@@ -121,12 +121,17 @@ class ScaledLinear(nn.Linear):
         return 2 * super().forward(x)
 
 
-class CustomLayer(nn.Module):
-    pass
+class OffsetRMSNorm(nn.Module):  # Gemma's kind: x * rsqrt(mean(x^2) + eps) * (1 + weight)
+    def __init__(self, size, eps=1e-6):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.zeros(size)), eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
 
 
 @pytest.mark.parametrize("change", ["forward hook", "pre-hook on a norm", "global hook", "custom projection",
-                                    "subclassed layer", "unknown norm"])
+                                    "subclassed layer", "unknown norm", "another RMSNorm"])
 def test_steps_aside_for_what_it_does_not_know(change):
     model = patched("llama", seed=3)
     ids, attention_mask = left_padded_prompts([5, 8], model.config.vocab_size, seed=3)
@@ -143,8 +148,10 @@ def test_steps_aside_for_what_it_does_not_know(change):
         layer.mlp.up_proj = ScaledLinear(old.in_features, old.out_features, bias=False)
     elif change == "subclassed layer":
         layer.__class__ = type("MyLayer", (type(layer),), {})
-    else:
+    elif change == "unknown norm":
         layer.post_attention_layernorm = nn.LayerNorm(model.config.hidden_size)
+    else:
+        layer.input_layernorm = OffsetRMSNorm(model.config.hidden_size)
     try:
         assert StepForward.build(model) is None
         # Decoding then runs the model's own forward, so whatever the change does, MTP output is its greedy.

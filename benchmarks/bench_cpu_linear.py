@@ -8,7 +8,8 @@ The prepacked test's extra_info holds `vs_f_linear`: F.linear's median time over
 back in the same test. The gated-LoRA pair times a decoding step's LoRA projection added (three more small
 ops) against merged into the weight (one product twice as wide), at 15-81 rows. Alone in this hot loop
 the merged one is slower except at 256->256 x 15 rows (34 against 32 us; 47 against 55 at 256->768);
-inside a decoding step it is the faster one up to 32 rows (`mtp_kernels/cpu_linear.py` has the A/B).
+inside a decoding step it is the faster one up to 32 rows (`mtp_kernels/cpu_linear.py` has the A/B). The
+q/k/v pair times a layer's three merged products against one grouped product.
 """
 
 import itertools
@@ -98,3 +99,30 @@ def test_gated_lora_merged(benchmark, shape, step):
         torch.testing.assert_close(merged(x, weight, None, lora_a, lora_b, 2.0, gated_from),
                                    lora_added(x, weight, lora_a, lora_b, row_mask), rtol=1e-4, atol=1e-3)
         run(benchmark, merged, x, weight, None, lora_a, lora_b, 2.0, gated_from)
+
+
+# A layer's q, k and v (the demo model's 256 -> 256, 128, 128, rank 32) over a 7-masks-linear step's 15 rows:
+# three merged products against one grouped product (`gated_lora_group_on_packed`), which pays a oneDNN
+# call's fixed cost (~10 us here) once instead of three times: 40 against 73 us on the project's 2-core EPYC.
+QKV_OUT_FEATURES = (256, 128, 128)
+
+
+def qkv_members():
+    generator = torch.Generator().manual_seed(5)
+    return [(torch.randn(out, 256, generator=generator) / 16, None, torch.randn(32, 256, generator=generator) / 16,
+             torch.randn(out, 32, generator=generator) / 32**0.5, 2.0) for out in QKV_OUT_FEATURES]
+
+
+def qkv_one_by_one(x, members, gated_from):
+    return [cpu_linear.gated_lora_on_packed(x, *member, gated_from) for member in members]
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["three-products", "one-grouped-product"])
+def test_qkv_merged(benchmark, grouped):
+    x, members, gated_from = torch.randn(1, 15, 256, generator=torch.Generator().manual_seed(6)), qkv_members(), 8
+    benchmark.group = "q, k, v with merged LoRA, 256 -> 256 + 128 + 128, 15 rows"
+    product = cpu_linear.gated_lora_group_on_packed if grouped else qkv_one_by_one
+    with torch.no_grad():
+        for got, want in zip(product(x, members, gated_from), qkv_one_by_one(x, members, gated_from)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        run(benchmark, product, x, members, gated_from)

@@ -113,13 +113,8 @@ def mtp_generate(
                if (value := getattr(config, name, off)) is not None and value != off]
     options += [f"{name}=..." for name in unused]
     if options:
-        warnings.warn(
-            f"MTP decoding does not support {', '.join(options)}; handing this call to stock generate",
-            stacklevel=2,
-        )
-        return type(model).generate(
-            model, input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer, **unused
-        )
+        return _stock_generate(model, f"MTP decoding does not support {', '.join(options)}", input_ids,
+                               attention_mask, config, streamer, **unused)
 
     mtp_config = model.mtp_config
     if num_masks is None:
@@ -134,14 +129,9 @@ def mtp_generate(
     longest = int(attention_mask.sum(1).max()) + max(0, max_new_tokens)
     if window is not None and longest > window:
         # MTP attention sees the whole sequence; past the window that would no longer be this model's output.
-        warnings.warn(
-            f"this model attends within a sliding window of {window} tokens, which MTP decoding does not "
-            f"implement, and this call's sequences reach {longest} tokens; handing it to stock generate",
-            stacklevel=2,
-        )
-        return type(model).generate(
-            model, input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer
-        )
+        return _stock_generate(model, f"this model attends within a sliding window of {window} tokens, which MTP "
+                               f"decoding does not implement, and this call's sequences reach {longest} tokens",
+                               input_ids, attention_mask, config, streamer)
     params = _sampling_params(config)
     eos = config.eos_token_id
     eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -163,6 +153,13 @@ def mtp_generate(
     if config.return_dict_in_generate:
         return MTPGenerateOutput(sequences=sequences, mtp_stats=stats)
     return sequences
+
+
+def _stock_generate(model, reason, input_ids, attention_mask, config, streamer, **kwargs):
+    """Hands a call MTP cannot decode as asked to the model's own generate, saying why."""
+    warnings.warn(f"{reason}; handing this call to stock generate", stacklevel=3)
+    return type(model).generate(model, input_ids, attention_mask=attention_mask, generation_config=config,
+                                streamer=streamer, **kwargs)
 
 
 def _sampling_params(config: GenerationConfig) -> SamplingParams:
@@ -218,18 +215,20 @@ class _Decoder:
         self.vocab_size = model.config.vocab_size
         self.lm_weight = model.lm_head.weight
         self.device = self.lm_weight.device
-        self.layout = step_layout(num_masks, num_masks, mode, self.device)
+        self.full_step = self.step_shape(num_masks)  # (layout, token template)
         # Linear decoding after a rejection has no drafts: when no row has any, the step is [anchor, m1..mk]
         # (k + 1 tokens instead of 2k + 1), which gives the same verified token and fresh drafts.
-        self.draftless_layout = step_layout(0, num_masks, mode, self.device) if mode == "linear" else None
-        self.step_template = _mask_template(self.layout, self.vocab_size)
-        self.draftless_template = None if self.draftless_layout is None else _mask_template(self.draftless_layout,
-                                                                                             self.vocab_size)
+        self.draftless_step = self.step_shape(0) if mode == "linear" else None
         self.mask_ids = self.vocab_size + torch.arange(num_masks, device=self.device)
         self.cache_keyword = _cache_keyword(model.model)
         # Decided once per call, so that the projections of every forward skip prepacked_linear's checks.
         self.prepacked = packing_applies(self.device, model.dtype)
         self.step_forward = StepForward.build(model) if self.prepacked else None
+
+    def step_shape(self, num_drafts):
+        """A step's layout and its token ids [T] with the masks filled in (mask i = vocab_size + i - 1)."""
+        layout = step_layout(num_drafts, self.k, self.mode, self.device)
+        return layout, (self.vocab_size + layout.mask_number - 1).masked_fill(layout.mask_number == 0, 0)
 
     # --- one forward ----------------------------------------------------------------------------------
 
@@ -304,7 +303,7 @@ class _Decoder:
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
-        cache = MTPCache(len(self.model.model.layers), B, P + k + max_new_tokens + self.layout.size, device)
+        cache = MTPCache(len(self.model.model.layers), B, P + k + max_new_tokens + self.full_step[0].size, device)
         cache.starts = P - attention_mask.sum(1)
         eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
         rows = torch.arange(B, device=device)
@@ -327,10 +326,10 @@ class _Decoder:
 
         while not bool(finished.all()) and (max_steps is None or stats.steps < max_steps):
             no_drafts = drafts[:, :1] < 0
-            if self.draftless_layout is not None and bool(no_drafts.all()):
-                layout, template, drafts = self.draftless_layout, self.draftless_template, drafts[:, :0]
+            if self.draftless_step is not None and bool(no_drafts.all()):
+                (layout, template), drafts = self.draftless_step, drafts[:, :0]
             else:
-                layout, template = self.layout, self.step_template
+                layout, template = self.full_step
             regular, T = layout.regular, layout.size
             # A row without drafts in a step with drafts (linear decoding, batches) puts the k masks in its
             # draft slots: they sit at the masks' positions and see what a mask block after the anchor sees,
@@ -380,11 +379,6 @@ class _Decoder:
         stats.record(counts)
         generated += counts
         return finished | (generated >= max_new_tokens)
-
-
-def _mask_template(layout, vocab_size: int) -> torch.Tensor:
-    """A step's token ids [T] with its masks filled in (mask i = vocab_size + i - 1); regular slots 0."""
-    return (vocab_size + layout.mask_number - 1).masked_fill(layout.mask_number == 0, 0)
 
 
 class _Stats:

@@ -51,6 +51,10 @@ class GateContext:
         self.prepacked = prepacked
         self.gated_from = _suffix_start(self.gate) if prepacked and self.gate is not None else None
 
+    def merges_lora(self, rows: int, weight_elements: int) -> bool:
+        """Whether a prepacked linear of this forward runs as one product against its LoRA-merged pair."""
+        return self.gated_from is not None and merged_lora_applies(rows, weight_elements)
+
     def row_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """`reference.lora_row_mask(gate, dtype)`, converted once per gate instead of once per linear."""
         # Keyed on the gate object, not on set(): activation checkpointing assigns `gate` directly.
@@ -127,7 +131,7 @@ def gated_lora_prepacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     packed product plus the masked LoRA term."""
     if context.gate is None:
         return linear_on_packed(x, weight, bias)
-    if context.gated_from is not None and merged_lora_applies(x.numel() // x.shape[-1], weight.numel()):
+    if context.merges_lora(x.numel() // x.shape[-1], weight.numel()):
         return gated_lora_on_packed(x, weight, bias, lora_a, lora_b, scaling, context.gated_from)
     out = linear_on_packed(x, weight, bias)
     return reference.add_masked_lora(out, x, lora_a, lora_b, scaling, context.row_mask(x.dtype))

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtp_kernels.cpu_linear import gated_lora_group_on_packed, linear_on_packed, merged_lora_applies
+from mtp_kernels.cpu_linear import gated_lora_group_on_packed, linear_on_packed
 from mtp_kernels.tree_attention import visibility_mask
 from mtp_model.modules import GateContext, GatedLoRALinear, gated_lora_prepacked
 
@@ -81,8 +81,7 @@ class _ProjectionGroup:
         return cls(projections, members, sum(p.weight.numel() for p in projections))
 
     def __call__(self, x: torch.Tensor, context: GateContext) -> list[torch.Tensor]:
-        if (self.members is not None and context.gate is not None and context.gated_from is not None
-                and merged_lora_applies(x.numel() // x.shape[-1], self.weight_elements)):
+        if self.members is not None and context.merges_lora(x.numel() // x.shape[-1], self.weight_elements):
             return gated_lora_group_on_packed(x, self.members, context.gated_from)
         return [projection(x, context) for projection in self.projections]
 

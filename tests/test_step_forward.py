@@ -11,7 +11,6 @@ from torch import nn
 import mtp_model
 from mtp_model import decoding
 from mtp_model.attention import MTPCache
-from mtp_model.layout import step_layout
 from mtp_model.step_forward import StepForward
 
 VARIANTS = [(family, {}) for family in sorted(FAMILIES)] + [
@@ -45,7 +44,7 @@ def prefill_then_step(run, ids, attention_mask, step_ids_of):
     """Hidden states of a prefill (prompt + masks) and of one quadratic step after it, and the cache."""
     B, P = ids.shape
     k = run.k
-    cache = MTPCache(len(run.model.model.layers), B, P + 4 * run.layout.size, ids.device)
+    cache = MTPCache(len(run.model.model.layers), B, P + 4 * run.full_step[0].size, ids.device)
     cache.starts = P - attention_mask.sum(1)
     positions = (torch.arange(P) - cache.starts[:, None]).clamp(min=0)
     prefill_ids = torch.cat([ids, run.mask_ids.expand(B, k)], dim=1)
@@ -53,8 +52,8 @@ def prefill_then_step(run, ids, attention_mask, step_ids_of):
     causal = torch.ones(P + k, P + k, dtype=torch.bool).tril()
     first = run.forward(prefill_ids, prefill_positions, cache, causal)
     cache.keep(torch.arange(P).expand(B, P).contiguous(), P + k)
-    layout = run.layout
-    step = run.forward(step_ids_of(layout), positions[:, -1:] + 1 + layout.position_offset, cache, layout.block_mask)
+    layout, template = run.full_step
+    step = run.forward(step_ids_of(layout, template), positions[:, -1:] + 1 + layout.position_offset, cache, layout.block_mask)
     return first, step, cache
 
 
@@ -64,8 +63,8 @@ def test_matches_the_model_forward(family, options):
     ids, attention_mask = left_padded_prompts([7, 3, 10], model.config.vocab_size, seed=1)
     generator = torch.Generator().manual_seed(1)
 
-    def step_ids(layout):  # the step's template with random regular tokens in the regular slots
-        template = decoding._mask_template(layout, model.config.vocab_size).expand(3, layout.size).clone()
+    def step_ids(layout, template):  # the step's template with random regular tokens in the regular slots
+        template = template.expand(3, layout.size).clone()
         template[:, layout.regular] = torch.randint(3, model.config.vocab_size, (3, layout.regular.shape[0]),
                                                     generator=generator)
         return template
@@ -90,8 +89,8 @@ def test_a_gate_that_is_not_one_suffix_and_a_wide_step():
     model = patched("llama", seed=2, num_masks=8)
     ids, attention_mask = left_padded_prompts([4, 9], model.config.vocab_size, seed=2)
 
-    def scattered(layout):
-        template = decoding._mask_template(layout, model.config.vocab_size).expand(2, layout.size).clone()
+    def scattered(layout, template):
+        template = template.expand(2, layout.size).clone()
         template[:, layout.regular] = 5
         template[1, layout.regular[1:]] = model.config.vocab_size + torch.arange(layout.regular.shape[0] - 1)
         return template

@@ -197,7 +197,10 @@ def accept_sampling(logits, drafts, uniform, noise, temperature, top_k=None, top
     accepted = (uniform < p_draft).long().cumprod(dim=1).sum(dim=1)
     rows = torch.arange(B, device=logits.device)
     position = accepted  # the distribution the next token comes from
-    exclude = torch.where(accepted < k, drafts.gather(1, accepted.clamp(max=k - 1)[:, None]).squeeze(1), -1)
+    if k:
+        exclude = torch.where(accepted < k, drafts.gather(1, accepted.clamp(max=k - 1)[:, None]).squeeze(1), -1)
+    else:  # no drafts (a linear step after a rejection): the next token comes from p_0 as it is
+        exclude = torch.full_like(accepted, -1)
     keys = filtered[rows, position] - noise[rows, position].log()
     has_exclusion = exclude >= 0
     keys[has_exclusion, exclude[has_exclusion]] = float("-inf")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,16 +37,22 @@ class MTPConfig:
     base_model: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if isinstance(self.target_modules, str):  # one name, not its characters
+            self.target_modules = (self.target_modules,)
         self.target_modules = tuple(self.target_modules)
-        if self.num_masks < 1:
-            raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        if self.generate_num_masks is not None and not 1 <= self.generate_num_masks <= self.num_masks:
-            raise ValueError(f"generate_num_masks must be between 1 and num_masks={self.num_masks}, "
-                             f"got {self.generate_num_masks}")
+        check_int("num_masks", self.num_masks, low=1)
+        check_int("lora_rank", self.lora_rank, low=1)
+        if self.generate_num_masks is not None:
+            check_int("generate_num_masks", self.generate_num_masks, low=1, high=self.num_masks)
+        check_finite_number("lora_alpha", self.lora_alpha)
+        if self.mask_init_std is not None:
+            check_finite_number("mask_init_std", self.mask_init_std, positive=True)
         if self.decoding not in DECODING_MODES:
             raise ValueError(f"decoding must be one of {DECODING_MODES}, got {self.decoding!r}")
+        if not isinstance(self.use_sampler, bool):
+            raise ValueError(f"use_sampler must be True or False, got {self.use_sampler!r}")
+        if not self.target_modules or not all(isinstance(name, str) for name in self.target_modules):
+            raise ValueError(f"target_modules must be projection names, got {self.target_modules!r}")
         unknown = set(self.target_modules) - set(ALL_PROJECTIONS)
         if unknown:
             raise ValueError(f"target_modules {sorted(unknown)} are not decoder projections {ALL_PROJECTIONS}")
@@ -70,3 +77,19 @@ class MTPConfig:
     @classmethod
     def load(cls, path: str | Path) -> MTPConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> None:
+    """Refuses anything but an int (bool and float included: 2.0 masks is a caller's mistake) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+
+
+def check_finite_number(name: str, value, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")

@@ -1,12 +1,18 @@
 """The per-row-length KV cache and the attention function that MTP forwards run through.
 
-- `MTPCache(config, batch_size, max_slots, ...)`: a transformers `Cache` whose layers are preallocated
-  [B, Hkv, S, D] buffers. `lengths` [B] holds each row's number of kept entries and `starts` [B] where its
-  real tokens begin (left padding stays in the cache prefix and is never attended to). `update()` writes
-  a forward's T new entries of row b at [lengths[b], lengths[b] + T) (`write` takes them already laid out
-  [B, T, Hkv, D], with `write_index` computed once per forward) and returns the whole buffers;
-  `keep(keep_index)` then compacts the entries worth keeping (all layers in one `kv_compact` call) and
-  advances the lengths.
+- `MTPCache(num_layers, batch_size, max_slots, device)`: a transformers `Cache` whose layers are
+  [B, Hkv, S, D] buffers of S = `max_slots` entries per row. `lengths` [B] holds each row's number of kept
+  entries and `starts` [B] where its real tokens begin (left padding stays in the cache prefix and is
+  never attended to). `reserve(n)` makes room for n entries per row before a forward, growing every
+  buffer to at least twice its size when it is short: the cache follows what a call keeps (amortised
+  copies), not what its max_new_tokens would allow. `update()` writes a forward's T new entries of row b
+  at [lengths[b], lengths[b] + T) (`write` takes them already laid out [B, T, Hkv, D], with `write_index`
+  computed once per forward) and returns the whole buffers; `keep(keep_index)` then compacts the entries
+  worth keeping (all layers in one `kv_compact` call) and advances the lengths.
+  A non-finite key or value is written as 0: only mask tokens' can be non-finite in a model whose own
+  states are finite (an adapter that overflows), and a regular query that may not see such an entry would
+  still multiply it by its zero weight (0 x NaN = NaN), so the verified tokens would change; mask entries
+  are never kept, so this changes drafts only.
 - `StepAttention`: what one MTP forward tells every attention layer (lengths, starts, the T x T block
   mask). It travels as the `mtp_step` keyword argument, which transformers hands to the attention
   function.
@@ -58,6 +64,14 @@ class MTPCacheLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
+    def grow(self, slots: int) -> None:
+        """Moves the entries into buffers of `slots` entries per row."""
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], slots, old.shape[3])
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
+
     def update(self, key_states, value_states, *args, **kwargs):
         index = self.owner.write_index(key_states.shape[2])
         return self.write(key_states.transpose(1, 2), value_states.transpose(1, 2), index)
@@ -67,11 +81,11 @@ class MTPCacheLayer(CacheLayerMixin):
         the whole [B, Hkv, S, D] buffers."""
         if not self.is_initialized:
             self.lazy_initialization(keys.transpose(1, 2), values.transpose(1, 2))
-        # The decoding loop sizes the cache so every block fits; checking here would sync every layer.
+        # The decoding loop reserves room for every block; checking here would sync every layer.
         rows, slots = index
         # Advanced indices around a slice put their dims first: the target view is [B, T, H, D].
-        self.keys[rows, :, slots] = keys
-        self.values[rows, :, slots] = values
+        self.keys[rows, :, slots] = keys.nan_to_num(0.0, 0.0, 0.0)
+        self.values[rows, :, slots] = values.nan_to_num(0.0, 0.0, 0.0)
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -85,13 +99,22 @@ class MTPCacheLayer(CacheLayerMixin):
 
 
 class MTPCache(Cache):
-    """A KV cache with one length per row, preallocated for `max_slots` entries per row."""
+    """A KV cache with one length per row, with room for `max_slots` entries per row (`reserve` grows it)."""
 
     def __init__(self, num_layers: int, batch_size: int, max_slots: int, device: torch.device):
         self.max_slots = max_slots
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.starts = torch.zeros(batch_size, dtype=torch.long, device=device)
         super().__init__(layers=[MTPCacheLayer(self) for _ in range(num_layers)])
+
+    def reserve(self, slots: int) -> None:
+        """Room for `slots` entries per row: when short, every layer grows to max(slots, 2 x max_slots)."""
+        if slots <= self.max_slots:
+            return
+        self.max_slots = max(slots, 2 * self.max_slots)
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.grow(self.max_slots)
 
     def write_index(self, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Where a forward's `new_tokens` entries go: (rows [B, 1], slots [B, T]) after each row's kept ones."""

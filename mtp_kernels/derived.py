@@ -5,20 +5,28 @@ with their LoRA merged in (`cpu_linear.gated_lora_on_packed`) and the sampler's 
 
 An entry is keyed by `kind`, any `extra` hashables and the identity of each source tensor; it holds a weak
 reference to each source and each source's (data pointer, version). An in-place update bumps the version
-and `.to()` makes a new tensor, so either rebuilds the value; a freed source drops the entry, and with it
-the value. (A WeakKeyDictionary would compare tensors with ==, which is elementwise.) Decoding asks for
-these values in every projection of every step, so a lookup is that one comparison (about 1-2 us).
+and `.to()` or assigning `.data` makes a new storage, so either rebuilds the value on its next lookup; a
+freed source drops the entry, and with it the value. (A WeakKeyDictionary would compare tensors with ==,
+which is elementwise.) Decoding asks for these values in every projection of every step, so a lookup is
+that one comparison.
+
+An edit through `.data` (or a numpy view) changes a tensor's contents without bumping its version, so no
+per-lookup check can see it. For those, the module also keeps a copy of each source's contents as they
+were when a value was last built from it, and `refresh()` drops every value whose source no longer equals
+its copy: a generate call calls it once, before its first step. That is one comparison of each source
+per call, against building every value again per call, which costs about fifteen times more; the price is
+one more copy of each source in memory.
 """
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Callable, Hashable
 
 import torch
 
-_cache: dict[tuple, tuple] = {}  # key -> (weak references to the sources, their states, value)
+_cache: dict[tuple, tuple] = {}  # key -> (weak references to the sources, their states, their ids, value)
+_copies: dict[int, tuple] = {}  # id(source) -> (weak reference to it, its contents when a value was built)
 
 
 def cache_key(kind: str, sources: tuple[torch.Tensor, ...], *extra: Hashable) -> tuple:
@@ -32,9 +40,39 @@ def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], ob
     entry = _cache.get(key)
     # A present entry's sources are alive (freeing one drops the entry), so the ids in its key are theirs.
     if entry is None or entry[1] != state:
-        forget = functools.partial(_cache.pop, key, None)
-        references = [weakref.ref(source, lambda _: forget()) for source in sources]
+        for source in sources:
+            _remember(source)
+        references = [weakref.ref(source, lambda _, key=key: _cache.pop(key, None)) for source in sources]
         with torch.no_grad():
-            entry = (references, state, build())
+            entry = (references, state, {id(source) for source in sources}, build())
         _cache[key] = entry
-    return entry[2]
+    return entry[3]
+
+
+def refresh() -> None:
+    """Drops every value built from a source whose contents have changed since (see the module docstring)."""
+    for source_id, (reference, copy) in list(_copies.items()):
+        source = reference()
+        if source is not None and not _same(source, copy):
+            _forget(source_id)
+
+
+def _remember(source: torch.Tensor) -> None:
+    """Keeps a copy of `source` as a value is built from it; values built from older contents go."""
+    source_id = id(source)
+    kept = _copies.get(source_id)
+    if kept is not None and _same(source, kept[1]):
+        return
+    _forget(source_id)
+    reference = weakref.ref(source, lambda _: _copies.pop(source_id, None))
+    _copies[source_id] = (reference, source.detach().clone())
+
+
+def _same(source: torch.Tensor, copy: torch.Tensor) -> bool:
+    return source.shape == copy.shape and source.dtype == copy.dtype and bool(torch.equal(source.detach(), copy))
+
+
+def _forget(source_id: int) -> None:
+    _copies.pop(source_id, None)
+    for key in [key for key, entry in _cache.items() if source_id in entry[2]]:
+        del _cache[key]

@@ -48,12 +48,12 @@ def test_the_packed_copy_is_kept_rebuilt_on_change_and_freed_with_the_weight():
     key = derived.cache_key("packed", (weight,))
     with torch.no_grad():
         first = prepacked_linear(x, weight)
-        packed = derived._cache[key][2]
+        packed = derived._cache[key][-1]
         prepacked_linear(x, weight)
-        assert derived._cache[key][2] is packed  # reused, not repacked
+        assert derived._cache[key][-1] is packed  # reused, not repacked
         weight.mul_(2)  # in place: the version changes, so the copy is rebuilt
         torch.testing.assert_close(prepacked_linear(x, weight), 2 * first)
-        assert derived._cache[key][2] is not packed
+        assert derived._cache[key][-1] is not packed
     del weight, packed
     gc.collect()
     assert key not in derived._cache

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from mtp_model.config import MTPConfig
@@ -22,7 +23,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-def _adapter_tensors(model) -> dict:
+def adapter_tensors(model) -> dict:
+    """The adapter's tensors of a patched model by state-dict name: LoRA factors, mask embeddings, sampler."""
     return {
         name: tensor
         for name, tensor in model.state_dict().items()
@@ -51,9 +53,17 @@ def save_adapter(model, path: str | Path) -> Path:
         "mtp": config.to_dict(),
     }
     (path / CONFIG_FILE).write_text(json.dumps(peft_fields, indent=2) + "\n")
-    tensors = {PEFT_PREFIX + name: t.detach().contiguous().cpu() for name, t in _adapter_tensors(model).items()}
+    tensors = {PEFT_PREFIX + name: t.detach().contiguous().cpu() for name, t in adapter_tensors(model).items()}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     return path
+
+
+def check_finite(tensors: dict, owner: str) -> None:
+    """Refuses adapter tensors holding a NaN or an infinity, naming the first such tensor: one such value in
+    a LoRA factor or the sampler would spread to every token the adapter touches."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{owner} holds non-finite values (NaN or infinity) in {name}")
 
 
 def load_config(path: str | Path) -> MTPConfig:
@@ -96,7 +106,7 @@ def load_weights(model, path: str | Path) -> None:
     """Loads the adapter tensors at `path` into a model patched with the adapter's config."""
     saved = load_file(str(Path(path) / WEIGHTS_FILE))
     tensors = {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in saved.items()}
-    expected = _adapter_tensors(model)
+    expected = adapter_tensors(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -110,4 +120,5 @@ def load_weights(model, path: str | Path) -> None:
                 f"the adapter at {path} does not fit this model: {name} has shape {tuple(tensor.shape)}, "
                 f"the model expects {tuple(expected[name].shape)}"
             )
+    check_finite(tensors, f"the adapter at {path}")
     model.load_state_dict(tensors, strict=False)

@@ -103,8 +103,7 @@ def patch(model, config: MTPConfig | None = None, adapter: str | Path | None = N
     if not originals:
         raise ValueError(f"no decoder projection matched target_modules {config.target_modules}")
 
-    embeddings = model.get_input_embeddings().weight
-    init_std = config.mask_init_std or float(embeddings.detach().float().std())
+    init_std = config.mask_init_std or _finite_std(model.get_input_embeddings().weight)
     model.mtp = MTPHead(config.num_masks, model.config.hidden_size, init_std, device=weight.device, dtype=weight.dtype)
     model.requires_grad_(False)  # only the LoRA factors and the sampler train
     for module in model.modules():
@@ -125,9 +124,26 @@ def patch(model, config: MTPConfig | None = None, adapter: str | Path | None = N
 
     model.generate = types.MethodType(mtp_generate, model)
     model.forward = types.MethodType(mtp_forward, model)
-    if adapter is not None:
-        adapter_io.load_weights(model, adapter)
+    try:
+        if adapter is not None:
+            adapter_io.load_weights(model, adapter)
+        else:
+            adapter_io.check_finite(adapter_io.adapter_tensors(model), "the new MTP adapter")
+    except ValueError:
+        unpatch(model)  # a refused adapter leaves the model as it was
+        raise
     return model
+
+
+def _finite_std(weight: torch.Tensor) -> float:
+    """The std of the finite entries of `weight` (an unused embedding row may hold NaN), the mask
+    embeddings' scale by default."""
+    values = weight.detach().float()
+    values = values[torch.isfinite(values)]
+    if values.numel() < 2:
+        raise ValueError("the input embeddings hold no finite values to scale the mask embeddings by; "
+                         "set MTPConfig(mask_init_std=...)")
+    return float(values.std())
 
 
 def unpatch(model):

@@ -25,56 +25,39 @@ with a warning.
 
 from __future__ import annotations
 
-import copy
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass
+from inspect import Parameter
 
 import torch
+from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import mtp_kernels
+from mtp_kernels import derived
 from mtp_kernels.cpu_linear import linear_on_packed, packing_applies
 from mtp_kernels.sampler import SamplingParams, head_logits
+from mtp_model import adapter as adapter_io
 from mtp_model.attention import MTPCache
+from mtp_model.config import DECODING_MODES, check_int
 from mtp_model.layout import step_layout
 from mtp_model.patch import embed_tokens, gate_context, sliding_window
 from mtp_model.step_forward import StepForward
 
-# Generation options MTP decoding does not implement, with the value that means "off".
-UNSUPPORTED_OPTIONS = {
-    "num_beams": 1,
-    "num_beam_groups": 1,
-    "num_return_sequences": 1,
-    "penalty_alpha": None,
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "bad_words_ids": None,
-    "force_words_ids": None,
-    "sequence_bias": None,
-    "min_length": 0,
-    "min_new_tokens": None,
-    "min_p": None,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "forced_bos_token_id": None,
-    "forced_eos_token_id": None,
-    "exponential_decay_length_penalty": None,
-    "guidance_scale": None,
-    "stop_strings": None,
-    "output_scores": False,
-    "output_logits": False,
-    "output_attentions": False,
-    "output_hidden_states": False,
-    "prompt_lookup_num_tokens": None,
-    "assistant_early_exit": None,
-    "watermarking_config": None,
-}
+# GenerationConfig fields MTP decoding implements with stock generation's meaning (docs/generate_contract.md).
+HONOURED_FIELDS = frozenset({
+    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
+    "bos_token_id", "return_dict_in_generate",
+})
+# Fields that say how stock's own loop runs (its cache, compilation, prefill chunks), not which tokens it
+# picks: MTP runs its own loop and has no use for them.
+LOOP_FIELDS = frozenset({"use_cache", "cache_config", "compile_config", "disable_compile", "max_cache_len",
+                         "prefill_chunk_size"})
+# generate's named parameters MTP takes; any other one that is set sends the call to stock generation.
+HONOURED_PARAMETERS = frozenset({"inputs", "generation_config", "streamer"})
 
 
 @dataclass
@@ -84,82 +67,147 @@ class MTPGenerateOutput(GenerateDecoderOnlyOutput):
     mtp_stats: dict | None = None
 
 
-def mtp_generate(
-    model,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    generation_config: GenerationConfig | None = None,
-    streamer=None,
-    *,
-    num_masks: int | None = None,
-    decoding: str | None = None,
-    use_sampler: bool | None = None,
-    max_steps: int | None = None,
-    generator: torch.Generator | None = None,
-    **kwargs,
-):
-    """`model.generate` of a patched model. Takes stock generate's arguments plus:
+def mtp_generate(model, *args, num_masks: int | None = None, decoding: str | None = None,
+                 use_sampler: bool | None = None, max_steps: int | None = None,
+                 generator: torch.Generator | None = None, **kwargs):
+    """`model.generate` of a patched model: stock generate's parameters, positional or by keyword, with
+    stock's meaning (its own signature binds them and its own helpers merge `generation_config` with the
+    model's and check the lengths), plus:
 
-    num_masks: drafts per step, 1..the adapter's k (default: the config's generate_num_masks, else k). decoding: "quadratic" or "linear" (default
-    from the config). use_sampler: False drafts with the plain LM head on the mask states (ablation).
-    max_steps: stop after this many forward passes (the paper's evaluation uses 100). generator: the
-    torch.Generator for sampling.
+    num_masks: drafts per step, 1..the adapter's k (default: the config's generate_num_masks, else k).
+    decoding: "quadratic" or "linear" (default from the config). use_sampler: False drafts with the plain LM
+    head on the mask states (ablation). max_steps: stop after this many forward passes (the paper's
+    evaluation uses 100). generator: the torch.Generator for sampling.
+
+    A call MTP cannot decode as asked (an option it does not implement, a model hook it would bypass, a
+    sliding window it would outgrow) goes to stock generate with one warning naming the reason.
     """
-    config = copy.deepcopy(generation_config or model.generation_config)
-    inputs = kwargs.pop("inputs", None)
-    input_ids = inputs if input_ids is None else input_ids
-    unused = config.update(**kwargs)
-    options = [f"{name}={value!r}" for name, off in UNSUPPORTED_OPTIONS.items()
-               if (value := getattr(config, name, off)) is not None and value != off]
-    options += [f"{name}=..." for name in unused]
-    if options:
-        return _stock_generate(model, f"MTP decoding does not support {', '.join(options)}", input_ids,
-                               attention_mask, config, streamer, **unused)
+    model.mtp_stats = None
+    num_masks, decoding, use_sampler = _mtp_options(model, num_masks, decoding, use_sampler, max_steps, generator)
+    signature = inspect.signature(type(model).generate)
+    arguments = signature.bind(model, *args, **kwargs).arguments  # stock's positional order; its TypeErrors
+    names = list(signature.parameters)
+    arguments.pop(names[0])
+    extra = dict(arguments.pop(names[-1], {})) if signature.parameters[names[-1]].kind is Parameter.VAR_KEYWORD else {}
 
-    mtp_config = model.mtp_config
-    if num_masks is None:
-        num_masks = mtp_config.generate_num_masks or mtp_config.num_masks
-    if not 1 <= num_masks <= mtp_config.num_masks:
-        raise ValueError(f"num_masks must be between 1 and the adapter's {mtp_config.num_masks}, got {num_masks}")
-    input_ids, attention_mask = _check_prompt(model, input_ids, attention_mask)
-    max_new_tokens = config.max_new_tokens
-    if max_new_tokens is None:
-        max_new_tokens = config.max_length - input_ids.shape[1]
+    def hand_off(reason):
+        return _stock_generate(model, reason, args, kwargs, generator)
+
+    unsupported = [f"{name}={value!r}" for name, value in arguments.items()
+                   if name not in HONOURED_PARAMETERS and value is not None and not (name == "synced_gpus" and not value)]
+    if unsupported:
+        return hand_off(f"MTP decoding does not support {', '.join(unsupported)}")
+    user_config = arguments.get("generation_config")
+    # Exactly as stock generate decides whether max_length is its default (it then counts new tokens).
+    default_max_length = (extra.get("max_length") is None
+                          and (user_config is None or user_config.max_length is None)
+                          and model.generation_config.max_length is None)
+    config, model_kwargs = model._prepare_generation_config(user_config, **extra)
+    input_ids = arguments.get("inputs")
+    if input_ids is None:
+        input_ids = model_kwargs.pop("input_ids", None)
+    attention_mask = model_kwargs.pop("attention_mask", None)
+    unsupported = _unsupported_fields(config) + [
+        f"{name}=..." for name, value in model_kwargs.items() if value is not None and not hasattr(config, name)]
+    if input_ids is None:
+        unsupported.append("a call without input_ids")
+    if unsupported:
+        return hand_off(f"MTP decoding does not support {', '.join(unsupported)}")
+    hooks = _bypassed_hooks(model)
+    if hooks:
+        return hand_off(f"MTP decoding would not run {', '.join(hooks)}")
+
+    input_ids, attention_mask, caller_device = _check_prompt(model, input_ids, attention_mask)
+    prompt_length = input_ids.shape[1]
+    model._prepare_generated_length(config, default_max_length, True, "input_ids", prompt_length, input_ids)
+    model._validate_generated_length(config, prompt_length, default_max_length)  # stock's errors and warnings
+    max_new_tokens = config.max_length - prompt_length
     window = sliding_window(model)
-    longest = int(attention_mask.sum(1).max()) + max(0, max_new_tokens)
+    longest = int(attention_mask.sum(1).max()) + max_new_tokens
     if window is not None and longest > window:
         # MTP attention sees the whole sequence; past the window that would no longer be this model's output.
-        return _stock_generate(model, f"this model attends within a sliding window of {window} tokens, which MTP "
-                               f"decoding does not implement, and this call's sequences reach {longest} tokens",
-                               input_ids, attention_mask, config, streamer)
+        return hand_off(f"this model attends within a sliding window of {window} tokens, which MTP decoding does "
+                        f"not implement, and this call's sequences reach {longest} tokens")
+    adapter_io.check_finite(adapter_io.adapter_tensors(model), "the MTP adapter")
     params = _sampling_params(config)
     eos = config.eos_token_id
     eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    # Stock's choice: the pad token, else the first EOS token.
     pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
 
-    decoder = _Decoder(
-        model,
-        num_masks=num_masks,
-        mode=decoding or mtp_config.decoding,
-        use_sampler=mtp_config.use_sampler if use_sampler is None else use_sampler,
-        params=params,
-        generator=generator,
-    )
+    derived.refresh()  # weights edited without a version bump (through .data) since the last call
+    decoder = _Decoder(model, num_masks=num_masks, mode=decoding, use_sampler=use_sampler, params=params,
+                       generator=generator)
     with torch.no_grad():
-        sequences, stats = decoder.run(
-            input_ids, attention_mask, max(0, max_new_tokens), eos_ids, pad_id, streamer, max_steps
-        )
+        sequences, stats = decoder.run(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id,
+                                       arguments.get("streamer"), max_steps)
+    sequences = sequences.to(caller_device)
     model.mtp_stats = stats
     if config.return_dict_in_generate:
         return MTPGenerateOutput(sequences=sequences, mtp_stats=stats)
     return sequences
 
 
-def _stock_generate(model, reason, input_ids, attention_mask, config, streamer, **kwargs):
-    """Hands a call MTP cannot decode as asked to the model's own generate, saying why."""
-    warnings.warn(f"{reason}; handing this call to stock generate", stacklevel=3)
-    return type(model).generate(model, input_ids, attention_mask=attention_mask, generation_config=config,
-                                streamer=streamer, **kwargs)
+def _mtp_options(model, num_masks, decoding, use_sampler, max_steps, generator):
+    """The MTP-only options, checked whether or not the call is then handed to stock generation."""
+    mtp_config = model.mtp_config
+    if num_masks is None:
+        num_masks = mtp_config.generate_num_masks or mtp_config.num_masks
+    check_int("num_masks", num_masks, low=1, high=mtp_config.num_masks)
+    decoding = mtp_config.decoding if decoding is None else decoding
+    if decoding not in DECODING_MODES:
+        raise ValueError(f"decoding mode must be one of {DECODING_MODES}, got {decoding!r}")
+    use_sampler = mtp_config.use_sampler if use_sampler is None else use_sampler
+    if not isinstance(use_sampler, bool):
+        raise ValueError(f"use_sampler must be True or False, got {use_sampler!r}")
+    if max_steps is not None:
+        check_int("max_steps", max_steps, low=1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return num_masks, decoding, use_sampler
+
+
+@functools.cache
+def _neutral_config() -> dict:
+    """Every GenerationConfig field at the value that leaves stock generation plain (greedy or sampling, no
+    processors, no extra outputs): a fresh config with stock's global defaults."""
+    neutral = GenerationConfig()
+    neutral.update(**neutral._get_default_generation_params(), defaults_only=True)
+    return {name: value for name, value in vars(neutral).items()
+            if not name.startswith("_") and name != "transformers_version"}
+
+
+def _unsupported_fields(config: GenerationConfig) -> list[str]:
+    """The merged config's fields that MTP does not implement and that are not at their neutral value."""
+    return [f"{name}={value!r}" for name, neutral in _neutral_config().items()
+            if name not in HONOURED_FIELDS | LOOP_FIELDS and _is_set(value := getattr(config, name, neutral), neutral)]
+
+
+def _is_set(value, neutral) -> bool:
+    """Whether a field's value asks for something its neutral value does not (None, False and 0 all mean
+    "off": the model's own config writes output_attentions=False where a fresh one has None)."""
+    return value != neutral and not (not value and not neutral)
+
+
+def _bypassed_hooks(model) -> list[str]:
+    """Forward hooks that MTP decoding would not run: it never calls the model's own forward, and it
+    multiplies by the LM head's weight instead of calling the head. (Hooks inside the decoder run: MTP's
+    forwards go through it, mask tokens included.)"""
+    found = []
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        found.append("a global forward hook (register_module_forward_hook)")
+    for name, module in (("the model", model), ("lm_head", model.lm_head)):
+        if module._forward_hooks or module._forward_pre_hooks:
+            found.append(f"a forward hook on {name}")
+    return found
+
+
+def _stock_generate(model, reason, args, kwargs, generator):
+    """Hands a call MTP cannot decode as asked to the model's own generate, unchanged, saying why."""
+    if generator is not None:
+        reason += "; stock generation samples from torch's global random state: generator= is not used"
+    warnings.warn(f"{reason}: handing this call to stock generate", stacklevel=4)  # the caller's line
+    return type(model).generate(model, *args, **kwargs)
 
 
 def _sampling_params(config: GenerationConfig) -> SamplingParams:
@@ -172,19 +220,23 @@ def _sampling_params(config: GenerationConfig) -> SamplingParams:
 
 
 def _check_prompt(model, input_ids, attention_mask):
+    """The prompt on the model's device (stock takes CPU inputs for a model elsewhere, and so does this;
+    the sequences go back to the caller's device), checked."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
         raise ValueError("input_ids must be a [batch, length] tensor of token ids")
     if input_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
-    if input_ids.device != model.lm_head.weight.device:
-        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {model.lm_head.weight.device}")
+    device, caller_device = model.lm_head.weight.device, input_ids.device
+    if caller_device != device and caller_device.type != "cpu":
+        raise ValueError(f"input_ids is on {caller_device} but the model is on {device}")
+    input_ids = input_ids.to(device)
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= model.config.vocab_size):
         raise ValueError(f"input_ids holds ids outside the vocabulary [0, {model.config.vocab_size})")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
-    attention_mask = attention_mask.to(input_ids.device).long()
+    attention_mask = attention_mask.to(device).long()
     if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
         raise ValueError("MTP generation needs left padding (pad tokens before the prompt); set padding_side='left'")
     if bool((attention_mask.sum(1) == 0).any()):
@@ -193,7 +245,7 @@ def _check_prompt(model, input_ids, attention_mask):
     longest = int(attention_mask.sum(1).max())
     if limit is not None and longest > limit:
         raise ValueError(f"the prompt has {longest} tokens but the model allows at most {limit}")
-    return input_ids.long(), attention_mask
+    return input_ids.long(), attention_mask, caller_device
 
 
 def _cache_keyword(decoder) -> str:
@@ -296,14 +348,12 @@ class _Decoder:
     def run(self, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, streamer, max_steps):
         B, P = input_ids.shape
         k, device = self.k, self.device
-        output = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        # The output and the cache grow with what is generated and kept, not with what max_new_tokens allows.
+        headroom = min(max_new_tokens, 64)
+        output = _Output(B, headroom, pad_id, device)
         stats = _Stats(k, self.mode)
-        if max_new_tokens == 0:
-            return input_ids, stats.summary()
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-
-        cache = MTPCache(len(self.model.model.layers), B, P + k + max_new_tokens + self.full_step[0].size, device)
+        stream = _Stream(streamer, input_ids)
+        cache = MTPCache(len(self.model.model.layers), B, P + self.full_step[0].size + headroom, device)
         cache.starts = P - attention_mask.sum(1)
         eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
         rows = torch.arange(B, device=device)
@@ -321,7 +371,7 @@ class _Decoder:
         generated = torch.zeros(B, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         finished = self.emit(anchor[:, None], torch.ones(B, dtype=torch.long, device=device), output, generated,
-                             finished, eos, max_new_tokens, stats, streamer)
+                             finished, eos, max_new_tokens, stats, stream)
         drafts = self.draft(anchor, hidden[:, P:])
 
         while not bool(finished.all()) and (max_steps is None or stats.steps < max_steps):
@@ -338,6 +388,7 @@ class _Decoder:
             slots = torch.where(no_drafts, self.mask_ids[: drafts.shape[1]], drafts)
             ids[:, regular] = torch.cat([anchor[:, None], slots], dim=1)
             positions = anchor_position[:, None] + layout.position_offset
+            cache.reserve(int(cache.lengths.max()) + T)
             hidden = self.forward(ids, positions, cache, layout.block_mask)
 
             accepted, bonus = self.verify(hidden[:, regular], drafts)
@@ -351,17 +402,16 @@ class _Decoder:
                 mask_rows = torch.where(no_drafts, regular[1:], mask_rows)
             mask_hidden = hidden.gather(1, mask_rows.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
             finished = self.emit(emitted, accepted + 1, output, generated, finished, eos, max_new_tokens, stats,
-                                 streamer)
+                                 stream)
             anchor, anchor_position = bonus, anchor_position + accepted + 1
             # Linear decoding has a mask block only after the last draft: after a rejection -1 marks "no draft".
             drafts = self.draft(bonus, mask_hidden).masked_fill(mask_rows[:, :1] < 0, -1)
 
-        if streamer is not None:
-            streamer.end()
-        sequences = torch.cat([input_ids, output[:, : int(generated.max())]], dim=1)
+        sequences = torch.cat([input_ids, output.tokens[:, : int(generated.max())]], dim=1)
+        stream.end(output, int(generated.max()))
         return sequences, stats.summary(cache_lengths=cache.lengths)
 
-    def emit(self, tokens, counts, output, generated, finished, eos, max_new_tokens, stats, streamer):
+    def emit(self, tokens, counts, output, generated, finished, eos, max_new_tokens, stats, stream):
         """Appends each unfinished row's first counts[b] tokens [B, n], cut at EOS and at the budget."""
         B, n = tokens.shape
         index = torch.arange(n, device=tokens.device)
@@ -372,13 +422,55 @@ class _Decoder:
             counts = torch.minimum(counts, first_eos)
             finished = finished | is_eos.any(1)
         take = index < counts[:, None]
+        output.reserve(int((generated + counts).max()))
         row_index = torch.arange(B, device=tokens.device)[:, None].expand(B, n)
-        output[row_index[take], (generated[:, None] + index)[take]] = tokens[take]
-        if streamer is not None:
-            streamer.put(tokens[0, : int(counts[0])].cpu())
+        output.tokens[row_index[take], (generated[:, None] + index)[take]] = tokens[take]
         stats.record(counts)
         generated += counts
-        return finished | (generated >= max_new_tokens)
+        finished = finished | (generated >= max_new_tokens)
+        stream.advance(output, generated, finished)
+        return finished
+
+
+class _Output:
+    """Each row's generated tokens, `tokens` [B, capacity] with pad after them; the capacity at least
+    doubles when a step needs more (amortised), so it follows what is generated."""
+
+    def __init__(self, batch_size: int, capacity: int, pad_id: int, device: torch.device):
+        self.tokens = torch.full((batch_size, capacity), pad_id, dtype=torch.long, device=device)
+        self.pad_id = pad_id
+
+    def reserve(self, length: int) -> None:
+        capacity = self.tokens.shape[1]
+        if length > capacity:
+            grown = self.tokens.new_full((self.tokens.shape[0], max(length, 2 * capacity)), self.pad_id)
+            grown[:, :capacity] = self.tokens
+            self.tokens = grown
+
+
+class _Stream:
+    """Gives a streamer what stock generation gives it: put(prompt [B, P]), then put([B]) once per generated
+    position (a finished row's pad in its column), then end(). A position goes out once every unfinished
+    row has its token there: rows accept different counts per step."""
+
+    def __init__(self, streamer, input_ids: torch.Tensor):
+        self.streamer, self.sent = streamer, 0
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+    def advance(self, output: _Output, generated: torch.Tensor, finished: torch.Tensor) -> None:
+        if self.streamer is not None:
+            self._send(output, int(torch.where(finished, generated.max(), generated).min()))
+
+    def end(self, output: _Output, length: int) -> None:
+        if self.streamer is not None:
+            self._send(output, length)
+            self.streamer.end()
+
+    def _send(self, output: _Output, ready: int) -> None:
+        for column in output.tokens[:, self.sent : ready].t().cpu():
+            self.streamer.put(column.clone())
+        self.sent = max(self.sent, ready)
 
 
 class _Stats:

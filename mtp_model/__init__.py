@@ -9,4 +9,14 @@ from mtp_model.config import MTPConfig
 from mtp_model.modules import GatedLoRALinear, SamplerHead
 from mtp_model.patch import patch, unpatch
 
-__all__ = ["GatedLoRALinear", "MTPConfig", "SamplerHead", "patch", "save_adapter", "set_generation_defaults", "unpatch"]
+__all__ = ["GatedLoRALinear", "MTPConfig", "MTPTrainer", "SamplerHead", "patch", "save_adapter",
+           "set_generation_defaults", "unpatch"]
+
+
+def __getattr__(name):
+    # The trainer pulls in transformers' Trainer (and accelerate), which generation does not need.
+    if name == "MTPTrainer":
+        from mtp_model.training import MTPTrainer
+
+        return MTPTrainer
+    raise AttributeError(f"module 'mtp_model' has no attribute {name!r}")

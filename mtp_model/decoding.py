@@ -21,6 +21,12 @@ their own (EOS, max_new_tokens), exactly where stock generation stops, with the 
 MTP attention sees the whole sequence: for a model with a sliding attention window (Mistral; Qwen2 and
 Qwen3 with use_sliding_window) a call whose sequences would outgrow the window goes to stock generate,
 with a warning.
+
+Arguments: `docs/generate_contract.md` is the contract. Stock's own signature binds them and stock's own
+helpers merge the generation config and settle the length, so that what MTP honours means what it means
+in stock; every other argument, field or bypassed hook that asks for something hands the call, unchanged,
+to stock generate with one warning. The output tokens and the KV cache grow with what is generated
+(amortised doubling), not with max_new_tokens.
 """
 
 from __future__ import annotations
@@ -94,7 +100,7 @@ def mtp_generate(model, *args, num_masks: int | None = None, decoding: str | Non
         return _stock_generate(model, reason, args, kwargs, generator)
 
     unsupported = [f"{name}={value!r}" for name, value in arguments.items()
-                   if name not in HONOURED_PARAMETERS and value is not None and not (name == "synced_gpus" and not value)]
+                   if name not in HONOURED_PARAMETERS and value is not None and value is not False]
     if unsupported:
         return hand_off(f"MTP decoding does not support {', '.join(unsupported)}")
     user_config = arguments.get("generation_config")

@@ -242,7 +242,8 @@ def test_hooks_mtp_would_bypass_hand_the_call_to_stock(where):
     try:
         expected = stock(model, ids, attention_mask=mask, max_new_tokens=6)
         assert (expected[0, ids.shape[1]:] == 7).all()
-        named = {"lm_head": "forward hook on lm_head", "model": "forward hook on the model", "global": "global forward hook"}
+        named = {"lm_head": "forward hook on lm_head", "model": "forward hook on the model",
+                 "global": "global forward hook"}
         with pytest.warns(UserWarning, match=named[where]):
             out = model.generate(ids, attention_mask=mask, max_new_tokens=6)
     finally:

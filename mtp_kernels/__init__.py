@@ -10,6 +10,7 @@ from mtp_kernels import backend, reference
 from mtp_kernels.cpu_linear import prepacked_linear
 from mtp_kernels.gated_lora import gated_lora_linear
 from mtp_kernels.kv_compact import kv_compact
+from mtp_kernels.linear_cross_entropy import linear_cross_entropy
 from mtp_kernels.sampler import SamplingParams, accept_greedy, accept_sampling, choose_tokens, draft_chain
 from mtp_kernels.tree_attention import tree_attention
 
@@ -22,6 +23,7 @@ __all__ = [
     "draft_chain",
     "gated_lora_linear",
     "kv_compact",
+    "linear_cross_entropy",
     "prepacked_linear",
     "reference",
     "tree_attention",

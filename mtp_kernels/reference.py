@@ -227,3 +227,15 @@ def kv_compact(caches, lengths, keep):
         for cache in caches:
             cache[b, :, start : start + count] = cache[b, :, source].clone()
     lengths += kept_counts.to(lengths.dtype)
+
+
+# --- linear cross-entropy ------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(hidden, weight, labels, row_weights=None, ignore_index=-100):
+    """Weighted mean over labelled rows of the cross-entropy of `hidden @ weight^T` (logits in fp32 at least)."""
+    logits = F.linear(hidden, weight).to(torch.promote_types(hidden.dtype, torch.float32))
+    losses = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")
+    weights = torch.ones_like(losses) if row_weights is None else row_weights.to(losses.dtype)
+    weights = weights * (labels != ignore_index)
+    return (losses * weights).sum() / weights.sum()

@@ -78,10 +78,34 @@ def test_a_batch_without_masks_is_plain_causal_attention():
 def test_grid_places_every_token_once():
     batch = random_batch(3, seed=5)
     grid = TrainingGrid.from_layout(batch["anchor"], batch["mask_number"], batch["valid"])
-    width = grid.cells.shape[2]
+    n, (m, width) = grid.regular.shape[1], grid.blocks.shape[1:]
     for row in range(batch["input_ids"].shape[0]):
         for slot in batch["valid"][row].nonzero().flatten().tolist():
             a, r = int(batch["anchor"][row, slot]), int(batch["mask_number"][row, slot])
-            assert int(grid.layout_cell[row, slot]) == a * width + r
-            assert int(grid.cells[row, a, r]) == slot and bool(grid.present[row, a, r])
-    assert int(grid.present.sum()) == int(batch["valid"].sum())
+            source = int(grid.source[row, slot])
+            if r == 0:
+                assert source == a and int(grid.regular[row, a]) == slot and bool(grid.regular_present[row, a])
+            else:
+                block, offset = divmod(source - n, width)
+                assert offset == r - 1 and int(grid.blocks[row, block, offset]) == slot
+                assert int(grid.block_anchor[row, block]) == a and bool(grid.block_present[row, block, offset])
+    assert int(grid.regular_present.sum()) + int(grid.block_present.sum()) == int(batch["valid"].sum())
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.7])
+def test_anchor_subsets_equal_the_dense_rule(fraction):
+    torch.manual_seed(int(fraction * 10))
+    generator = torch.Generator().manual_seed(1)
+    examples = [{"input_ids": torch.randint(3, 50, (n,), generator=generator), "loss_mask": torch.arange(n) >= p}
+                for n, p in [(23, 2), (9, 4), (30, 12)]]
+    batch = MTPDataCollator(5, 50, anchor_fraction=fraction)(examples)
+    valid = batch["valid"]
+    q, k, v = qkv(batch, 6, 3, 8, torch.float64, seed=2)
+    grid = TrainingGrid.from_layout(batch["anchor"], batch["mask_number"], valid)
+    ours = grid_attention(q, k, v, grid)
+    reference = dense_reference(q, k, v, batch)
+    torch.testing.assert_close(ours.transpose(1, 2)[valid], reference.transpose(1, 2)[valid], rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(ours) * valid[:, None, :, None]
+    for got, want in zip(torch.autograd.grad((ours * weights).sum(), (q, k, v)),
+                         torch.autograd.grad((reference * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -74,7 +74,7 @@ def step_layout(num_drafts: int, num_masks: int, mode: str, device: torch.device
 # --- training ----------------------------------------------------------------------------------------
 #
 # Training. k masks follow every loss-bearing token of a sequence x_0..x_{n-1} (token i is loss-bearing when
-# its label x_{i+1} is a response token); none follow prompt tokens. Every token carries (anchor a, mask
+# its label x_{i+1} is a response token), or a chosen subset of them (`anchors`); none follow prompt tokens. Every token carries (anchor a, mask
 # number r): a regular token x_i is (i, 0), mask j after x_i is (i, j). The attention rule is the decoding
 # one: query (a1, r1) sees key (a2, r2) iff (r2 == 0 and a2 <= a1) or (a2 == a1 and 0 < r2 <= r1). So one
 # forward simulates, for every response position, "the first i tokens + k masks".
@@ -94,18 +94,22 @@ class TrainingLayout:
 
 
 def training_layout(input_ids: torch.Tensor, loss_mask: torch.Tensor, num_masks: int, vocab_size: int,
-                    ignore_index: int = -100) -> TrainingLayout:
-    """Lays out one sequence (ids [n], loss_mask [n] bool, True on response tokens) for MTP training."""
+                    ignore_index: int = -100, anchors: torch.Tensor | None = None) -> TrainingLayout:
+    """Lays out one sequence (ids [n], loss_mask [n] bool, True on response tokens) for MTP training.
+    `anchors` ([n] bool) limits the mask blocks to the loss-bearing tokens it marks (default: all)."""
     if input_ids.ndim != 1 or loss_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and loss_mask must be [n] each; got {tuple(input_ids.shape)} and "
                          f"{tuple(loss_mask.shape)}")
+    if anchors is not None and anchors.shape != input_ids.shape:
+        raise ValueError(f"anchors must be [n] like input_ids, got {tuple(anchors.shape)}")
     n = input_ids.shape[0]
     ids = input_ids.tolist()
     response = loss_mask.bool().tolist()
+    chosen = [True] * n if anchors is None else anchors.bool().tolist()
     tokens = []  # (anchor a, mask number r)
     for i in range(n):
         tokens.append((i, 0))
-        if i + 1 < n and response[i + 1]:
+        if i + 1 < n and response[i + 1] and chosen[i]:
             tokens += [(i, j) for j in range(1, num_masks + 1)]
     regular_slot = {a: slot for slot, (a, r) in enumerate(tokens) if r == 0}
 

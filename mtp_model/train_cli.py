@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--consistency-reduction", choices=["mean", "sum"], default="mean")
     parser.add_argument("--mask-decay", type=float, default=1.0,
                         help="cross-entropy weight of mask i is DECAY ** (i - 1) (1: the paper's equal weights)")
+    parser.add_argument("--anchor-fraction", type=float, default=1.0,
+                        help="put mask blocks after this fraction of the response tokens, drawn per batch "
+                             "(1: after every one, the paper's layout)")
+    parser.add_argument("--regular-weight", type=float, default=1.0,
+                        help="cross-entropy weight of the regular tokens (0 skips their LM-head products)")
     return parser
 
 
@@ -91,8 +96,9 @@ def train_main(argv: list[str] | None = None) -> int:
         model=model,
         args=training_args,
         train_dataset=examples,
-        data_collator=MTPDataCollator(args.num_masks, model.config.vocab_size),
-        loss_weights=LossWeights(consistency_reduction=args.consistency_reduction, mask_decay=args.mask_decay),
+        data_collator=MTPDataCollator(args.num_masks, model.config.vocab_size, args.anchor_fraction),
+        loss_weights=LossWeights(consistency_reduction=args.consistency_reduction, mask_decay=args.mask_decay,
+                                 regular=args.regular_weight),
     )
     trainer.train(resume_from_checkpoint=args.resume or None)
     if trainer.args.should_save:

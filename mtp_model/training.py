@@ -12,6 +12,9 @@ batch to [B, L]. The loss (`mtp_loss`) is, with weights configurable and 1 by de
   dimension by default; "sum" gives the paper's loss scale).
 `mask_decay` < 1 weights the cross-entropies of mask i by mask_decay ** (i - 1) (Medusa's per-head decay; the
 paper weights all alike, 1): drafts are accepted as a prefix, so the first masks' accuracy is worth most.
+`regular` weights the regular tokens' rows in both cross-entropies (the paper: 1); 0 leaves them out, which
+saves their LM-head products: decoding drafts only from mask states. The cross-entropies never hold the
+logits of all rows at once (`mtp_kernels.linear_cross_entropy`, chunked).
 Attention follows the layout's rule (`attention_inputs`): by default `training_attention.grid_attention`,
 which scores each token only against the keys the rule lets it see, or a FlexAttention BlockMask when the
 model runs `attn_implementation="flex_attention"` (long sequences on a GPU). Only the LoRA factors and the
@@ -26,9 +29,9 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 
+from mtp_kernels.linear_cross_entropy import linear_cross_entropy
 from mtp_model.adapter import save_adapter
 from mtp_model.attention import PREFIX
 from mtp_model.layout import training_layout
@@ -44,28 +47,43 @@ class LossWeights:
     sampler: float = 1.0
     consistency: float = 1.0
     consistency_reduction: str = "mean"  # over the hidden dimension: "mean" or "sum"
-    mask_decay: float = 1.0  # cross-entropy weight of mask i: mask_decay ** (i - 1); regular tokens weigh 1
+    mask_decay: float = 1.0  # cross-entropy weight of mask i: mask_decay ** (i - 1)
+    regular: float = 1.0  # cross-entropy weight of regular tokens (0: their rows are skipped)
 
     def __post_init__(self):
         if self.consistency_reduction not in ("mean", "sum"):
             raise ValueError(f"consistency_reduction must be 'mean' or 'sum', got {self.consistency_reduction!r}")
         if not 0.0 < self.mask_decay <= 1.0:
             raise ValueError(f"mask_decay must be in (0, 1], got {self.mask_decay}")
+        if not 0.0 <= self.regular <= 1.0:
+            raise ValueError(f"regular must be in [0, 1], got {self.regular}")
 
 
 class MTPDataCollator:
-    """Turns examples ({"input_ids", "loss_mask"}) into padded MTP training batches."""
+    """Turns examples ({"input_ids", "loss_mask"}) into padded MTP training batches.
 
-    def __init__(self, num_masks: int, vocab_size: int):
+    anchor_fraction < 1 puts mask blocks after that fraction of the loss-bearing tokens only, drawn afresh
+    for every batch (from torch's global generator, which the Trainer seeds): a sequence of n tokens then
+    lays out as about n (1 + fraction k) tokens instead of n (1 + k), so each step sees more sequences for
+    the same compute.
+    """
+
+    def __init__(self, num_masks: int, vocab_size: int, anchor_fraction: float = 1.0):
+        if not 0.0 < anchor_fraction <= 1.0:
+            raise ValueError(f"anchor_fraction must be in (0, 1], got {anchor_fraction}")
         self.num_masks = num_masks
         self.vocab_size = vocab_size
+        self.anchor_fraction = anchor_fraction
+
+    def _anchors(self, length: int) -> torch.Tensor | None:
+        return None if self.anchor_fraction == 1.0 else torch.rand(length) < self.anchor_fraction
 
     def __call__(self, examples: list[dict]) -> dict:
-        layouts = [
-            training_layout(torch.as_tensor(e["input_ids"]), torch.as_tensor(e["loss_mask"]).bool(), self.num_masks,
-                            self.vocab_size)
-            for e in examples
-        ]
+        layouts = []
+        for example in examples:
+            ids = torch.as_tensor(example["input_ids"])
+            layouts.append(training_layout(ids, torch.as_tensor(example["loss_mask"]).bool(), self.num_masks,
+                                           self.vocab_size, anchors=self._anchors(ids.shape[0])))
         length = max(layout.input_ids.shape[0] for layout in layouts)
 
         def stack(field, fill):
@@ -116,13 +134,11 @@ def flex_block_mask(anchor, mask_number, valid):
 
 
 def _cross_entropy(lm_head, hidden, labels, row_weights):
-    """CE over labelled rows averaged with `row_weights` (same shape as labels), computing logits only for them."""
-    rows = labels != IGNORE_INDEX
+    """CE over rows with a label and a non-zero weight, averaged with `row_weights` (same shape as labels)."""
+    rows = (labels != IGNORE_INDEX) & (row_weights > 0)
     if not bool(rows.any()):
         return hidden.sum() * 0.0
-    losses = F.cross_entropy(lm_head(hidden[rows]).float(), labels[rows], reduction="none")
-    weights = row_weights[rows]
-    return (losses * weights).sum() / weights.sum()
+    return linear_cross_entropy(hidden[rows], lm_head.weight, labels[rows], row_weights[rows])
 
 
 def mtp_loss(model, batch: dict, weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict]:
@@ -138,11 +154,13 @@ def mtp_loss(model, batch: dict, weights: LossWeights = LossWeights()) -> tuple[
             **attention_inputs(model, batch),
         ).last_hidden_state
     labels = batch["labels"]
-    row_weights = weights.mask_decay ** (batch["mask_number"] - 1).clamp(min=0).float()
+    mask_number = batch["mask_number"]
+    row_weights = torch.where(mask_number > 0, weights.mask_decay ** (mask_number - 1).clamp(min=0).float(),
+                              weights.regular)
     lm_head = model.get_output_embeddings()
     base = _cross_entropy(lm_head, hidden, labels, row_weights)
     previous = model.get_input_embeddings()(batch["previous_ids"]).to(hidden.dtype)
-    labelled = labels != IGNORE_INDEX
+    labelled = (labels != IGNORE_INDEX) & (row_weights > 0)
     sampled = model.mtp.sampler(torch.cat([previous[labelled], hidden[labelled]], dim=-1))
     sampler = _cross_entropy(lm_head, sampled, labels[labelled], row_weights[labelled])
 

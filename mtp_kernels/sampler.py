@@ -317,8 +317,10 @@ def _choose(hidden, weight, params, noise, prepacked):
 
 
 def draft_chain(sampler, embed_weight, lm_weight, first_tokens, latents, params=SamplingParams(), noise=None,
-                prepacked: bool = False):
-    """k sequential sampler steps for a whole batch, each seeded with the previous step's token."""
+                prepacked: bool = False, draft_tokens=None):
+    """k sequential sampler steps for a whole batch, each seeded with the previous step's token. With
+    `draft_tokens` [V_d], `lm_weight` holds those tokens' rows of the LM head ([V_d, d]) and a step's choice
+    is among them (the noise is [B, k, V_d])."""
     if latents.ndim != 3 or first_tokens.shape != latents.shape[:1]:
         raise ValueError(f"latents must be [B, k, d] and first_tokens [B]; got {tuple(latents.shape)} and "
                          f"{tuple(first_tokens.shape)}")
@@ -326,6 +328,9 @@ def draft_chain(sampler, embed_weight, lm_weight, first_tokens, latents, params=
     if not params.greedy and (noise is None or tuple(noise.shape) != (B, k, lm_weight.shape[0])):
         raise ValueError(f"sampling drafts needs Exp(1) noise of shape ({B}, {k}, {lm_weight.shape[0]}), got "
                          f"{None if noise is None else tuple(noise.shape)}")
+    if draft_tokens is not None and tuple(draft_tokens.shape) != (lm_weight.shape[0],):
+        raise ValueError(f"draft_tokens has shape {tuple(draft_tokens.shape)}; lm_weight has {lm_weight.shape[0]} "
+                         f"rows, one per draft token")
     input_layer = sampler.input_layer
     if input_layer.weight.shape[1] != 2 * d or embed_weight.shape[1] != d:
         raise ValueError(f"the sampler's input layer takes {input_layer.weight.shape[1]} features; it needs "
@@ -355,6 +360,8 @@ def draft_chain(sampler, embed_weight, lm_weight, first_tokens, latents, params=
             previous = linear_on_packed(hidden, lm_weight).argmax(dim=-1)
         else:
             previous = _choose(hidden, lm_weight, params, None if noise is None else noise[:, j], prepacked)
+        if draft_tokens is not None:
+            previous = draft_tokens[previous]
         drafts.append(previous)
     return torch.stack(drafts, dim=1)
 

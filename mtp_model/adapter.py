@@ -126,4 +126,8 @@ def load_weights(model, path: str | Path) -> None:
                 f"the model expects {tuple(expected[name].shape)}"
             )
     check_finite(tensors, f"the adapter at {path}")
+    if "mtp.draft_tokens" in tensors:
+        from mtp_model.modules import check_draft_tokens
+
+        check_draft_tokens(tensors["mtp.draft_tokens"], model.config.vocab_size, f"the adapter at {path}'s draft_tokens")
     model.load_state_dict(tensors, strict=False)

@@ -23,6 +23,9 @@ class MTPConfig:
     machine where a verify step over many tokens costs much more than a plain one, fewer masks can be
     faster. `mtp eval --save-fastest` sets it and `decoding` to the fastest configuration it measured.
     use_sampler: draft with the sampler head (False: plain LM head on the mask states, the ablation).
+    draft_vocab_size: drafts come from this many tokens only (the adapter's `mtp.draft_tokens`, the most
+    frequent in its training responses), so the draft chain reads that many rows of the LM head per draft
+    instead of the whole vocabulary; verification keeps the full head, so output never changes. None: all.
     """
 
     num_masks: int = 8
@@ -33,6 +36,7 @@ class MTPConfig:
     generate_num_masks: int | None = None
     use_sampler: bool = True
     mask_init_std: float | None = None  # None: the std of the model's input embeddings
+    draft_vocab_size: int | None = None
     # Filled by `patch` from the model, checked when an adapter is loaded into another model.
     base_model: dict = field(default_factory=dict)
 
@@ -42,6 +46,8 @@ class MTPConfig:
         self.target_modules = tuple(self.target_modules)
         check_int("num_masks", self.num_masks, low=1)
         check_int("lora_rank", self.lora_rank, low=1)
+        if self.draft_vocab_size is not None:
+            check_int("draft_vocab_size", self.draft_vocab_size, low=1)
         if self.generate_num_masks is not None:
             check_int("generate_num_masks", self.generate_num_masks, low=1, high=self.num_masks)
         check_finite_number("lora_alpha", self.lora_alpha)

@@ -21,9 +21,16 @@ import torch
 
 
 def iter_jsonl(path: str | Path):
-    """(line number, record) for each non-blank line; invalid JSON raises ValueError naming the line."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    """(line number, record) for each non-blank line of a UTF-8 file (a leading byte-order mark is allowed).
+    A line that is not UTF-8 or not valid JSON raises ValueError naming the file and line: read as bytes and
+    decoded line by line, because a text-mode read fails per buffer, without a line number."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                                 f"{error.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -158,3 +165,14 @@ def distill_jsonl(model, tokenizer, prompts_path: str | Path, out_path: str | Pa
             if progress is not None:
                 progress(min(start + chunk, len(todo)), len(todo))
     return out_path
+
+
+def most_frequent_tokens(examples: list[dict], count: int, vocab_size: int, always: tuple[int, ...] = ()) -> torch.Tensor:
+    """A draft vocabulary: the `count` ids seen most often in the examples' responses (where loss_mask is
+    True), the ids in `always` (EOS, say) first; equal counts go to the smaller id. Sorted ids [count]."""
+    if not 1 <= count <= vocab_size:
+        raise ValueError(f"a draft vocabulary of {count} tokens does not fit a vocabulary of {vocab_size}")
+    responses = [torch.as_tensor(e["input_ids"])[torch.as_tensor(e["loss_mask"]).bool()] for e in examples]
+    counts = torch.bincount(torch.cat(responses) if responses else torch.zeros(0, dtype=torch.long), minlength=vocab_size)
+    order = torch.sort(counts, descending=True, stable=True).indices.tolist()
+    return torch.tensor(sorted(list(dict.fromkeys([*always, *order]))[:count]))

@@ -273,6 +273,10 @@ class _Decoder:
         self.vocab_size = model.config.vocab_size
         self.lm_weight = model.lm_head.weight
         self.device = self.lm_weight.device
+        # Drafts from a draft vocabulary read only its rows of the LM head; verification reads all of them.
+        self.draft_tokens = model.mtp.draft_tokens
+        self.draft_weight = self.lm_weight if self.draft_tokens is None else derived.derived(
+            "draft-head", (self.lm_weight, self.draft_tokens), lambda: self.lm_weight[self.draft_tokens].contiguous())
         self.full_step = self.step_shape(num_masks)  # (layout, token template)
         # Linear decoding after a rejection has no drafts: when no row has any, the step is [anchor, m1..mk]
         # (k + 1 tokens instead of 2k + 1), which gives the same verified token and fresh drafts.
@@ -307,8 +311,9 @@ class _Decoder:
 
     # --- choosing tokens ------------------------------------------------------------------------------
 
-    def noise(self, *shape):
-        return torch.empty(*shape, self.vocab_size, device=self.device).exponential_(generator=self.generator)
+    def noise(self, *shape, width=None):
+        width = self.vocab_size if width is None else width
+        return torch.empty(*shape, width, device=self.device).exponential_(generator=self.generator)
 
     def verify(self, regular_hidden, drafts):
         """Regular outputs [B, n+1, d] and drafts [B, n] (-1: none) -> (accepted [B], next token [B])."""
@@ -333,20 +338,22 @@ class _Decoder:
     def draft(self, seed_tokens, mask_hidden):
         """k drafts [B, k] from the mask states [B, k, d], the first one following `seed_tokens` [B]."""
         B, k, _ = mask_hidden.shape
-        noise = None if self.params.greedy else self.noise(B, k)
+        noise = None if self.params.greedy else self.noise(B, k, width=self.draft_weight.shape[0])
         if not self.use_sampler:  # ablation: the plain LM head on each mask state
             flat_noise = None if noise is None else noise.flatten(0, 1)
-            return mtp_kernels.choose_tokens(mask_hidden.flatten(0, 1), self.lm_weight, self.params, flat_noise,
-                                             self.prepacked).view(B, k)
+            chosen = mtp_kernels.choose_tokens(mask_hidden.flatten(0, 1), self.draft_weight, self.params, flat_noise,
+                                               self.prepacked).view(B, k)
+            return chosen if self.draft_tokens is None else self.draft_tokens[chosen]
         return mtp_kernels.draft_chain(
             self.model.mtp.sampler,
             self.model.get_input_embeddings().weight,
-            self.lm_weight,
+            self.draft_weight,
             seed_tokens,
             mask_hidden,
             self.params,
             noise,
             self.prepacked,
+            self.draft_tokens,
         )
 
     # --- the loop -------------------------------------------------------------------------------------

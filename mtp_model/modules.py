@@ -172,14 +172,38 @@ class SamplerHead(nn.Module):
 
 
 class MTPHead(nn.Module):
-    """Mask-token embeddings (frozen, as in the paper) and the sampler head of a patched model."""
+    """Mask-token embeddings (frozen, as in the paper), the sampler head and, when drafts come from part of
+    the vocabulary, `draft_tokens` [V_d] (sorted token ids, set from training data by `set_draft_tokens`)."""
 
-    def __init__(self, num_masks: int, hidden_size: int, init_std: float, device=None, dtype=None):
+    def __init__(self, num_masks: int, hidden_size: int, init_std: float, draft_vocab_size: int | None = None,
+                 device=None, dtype=None):
         super().__init__()
         embeddings = torch.randn(num_masks, hidden_size, device=device, dtype=torch.float32) * init_std
         self.mask_embeddings = nn.Parameter(embeddings.to(dtype), requires_grad=False)
         self.sampler = SamplerHead(hidden_size, device=device, dtype=dtype)
+        if draft_vocab_size is not None:
+            self.register_buffer("draft_tokens", torch.arange(draft_vocab_size, device=device))
+        else:
+            self.draft_tokens = None
+
+    def set_draft_tokens(self, token_ids: torch.Tensor, vocab_size: int) -> None:
+        """Sets the draft vocabulary (distinct ids in [0, vocab_size), as many as the config says)."""
+        token_ids = torch.as_tensor(token_ids).flatten()
+        if self.draft_tokens is None or token_ids.shape != self.draft_tokens.shape:
+            expected = None if self.draft_tokens is None else self.draft_tokens.numel()
+            raise ValueError(f"the adapter's draft vocabulary holds {expected} tokens; got {token_ids.numel()}")
+        check_draft_tokens(token_ids, vocab_size, "the draft vocabulary")
+        self.draft_tokens.copy_(token_ids.sort().values)
 
     @property
     def num_masks(self) -> int:
         return self.mask_embeddings.shape[0]
+
+
+def check_draft_tokens(token_ids: torch.Tensor, vocab_size: int, owner: str) -> None:
+    if token_ids.dtype not in (torch.int32, torch.int64) or token_ids.ndim != 1:
+        raise ValueError(f"{owner} must be a 1-D tensor of token ids, got {token_ids.dtype} {tuple(token_ids.shape)}")
+    if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab_size):
+        raise ValueError(f"{owner} holds ids outside the vocabulary [0, {vocab_size})")
+    if token_ids.unique().numel() != token_ids.numel():
+        raise ValueError(f"{owner} holds repeated token ids")

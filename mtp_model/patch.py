@@ -104,7 +104,11 @@ def patch(model, config: MTPConfig | None = None, adapter: str | Path | None = N
         raise ValueError(f"no decoder projection matched target_modules {config.target_modules}")
 
     init_std = config.mask_init_std or _finite_std(model.get_input_embeddings().weight)
-    model.mtp = MTPHead(config.num_masks, model.config.hidden_size, init_std, device=weight.device, dtype=weight.dtype)
+    if config.draft_vocab_size is not None and config.draft_vocab_size > model.config.vocab_size:
+        raise ValueError(f"draft_vocab_size={config.draft_vocab_size} exceeds the model's vocabulary of "
+                         f"{model.config.vocab_size}")
+    model.mtp = MTPHead(config.num_masks, model.config.hidden_size, init_std, config.draft_vocab_size,
+                        device=weight.device, dtype=weight.dtype)
     model.requires_grad_(False)  # only the LoRA factors and the sampler train
     for module in model.modules():
         if isinstance(module, GatedLoRALinear):

@@ -4,46 +4,59 @@
 
 Runs on one CPU, one GPU, or several GPUs under `accelerate launch` / `torchrun` with no change (the
 Hugging Face Trainer does the distribution). Writes the adapter to --out; checkpoints go to
---out/checkpoints and `--resume` continues from the last one.
+--out/checkpoints and `--resume` continues from the last one. An --out that already holds an adapter or
+checkpoints is refused unless `--resume` or `--overwrite` (which starts afresh, dropping the old
+checkpoints) says what to do with it. Every option, the data file and the model's attention window are
+checked before the model is loaded (`cli.py` has the error conventions).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import torch
 
+from mtp_model.cli import bounded, model_dir, read_or_exit
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtp train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="directory of a Llama / Qwen2 / Qwen3 / Mistral model")
+    parser.add_argument("--model", required=True, type=model_dir,
+                        help="directory of a Llama / Qwen2 / Qwen3 / Mistral model")
     parser.add_argument("--data", required=True, help="JSONL of chat messages or prompt/response pairs")
     parser.add_argument("--out", required=True, help="directory for the adapter")
-    parser.add_argument("--num-masks", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=32.0)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=8, help="sequences per device per step")
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--max-length", type=int, default=1024, help="tokens per sequence before masks are added")
+    parser.add_argument("--num-masks", type=bounded(int, 1), default=8)
+    parser.add_argument("--rank", type=bounded(int, 1), default=16)
+    parser.add_argument("--alpha", type=bounded(float, 0, low_open=True), default=32.0)
+    parser.add_argument("--lr", type=bounded(float, 0, low_open=True), default=2e-4)
+    parser.add_argument("--steps", type=bounded(int, 1), default=1000)
+    parser.add_argument("--warmup-steps", type=bounded(int, 0), default=0)
+    parser.add_argument("--batch", type=bounded(int, 1), default=8, help="sequences per device per step")
+    parser.add_argument("--grad-accum", type=bounded(int, 1), default=1)
+    parser.add_argument("--max-length", type=bounded(int, 2), default=1024,
+                        help="tokens per sequence before masks are added")
     parser.add_argument("--self-distill", action="store_true", help="replace responses by the model's greedy output")
-    parser.add_argument("--distill-max-new-tokens", type=int, default=256)
+    parser.add_argument("--distill-max-new-tokens", type=bounded(int, 1), default=256)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--save-steps", type=int, default=500)
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-steps", type=bounded(int, 1), default=500)
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace the adapter and checkpoints already in --out (default: refuse)")
+    parser.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0)
     parser.add_argument("--consistency-reduction", choices=["mean", "sum"], default="mean")
-    parser.add_argument("--mask-decay", type=float, default=1.0,
+    parser.add_argument("--mask-decay", type=bounded(float, 0, 1, low_open=True), default=1.0,
                         help="cross-entropy weight of mask i is DECAY ** (i - 1) (1: the paper's equal weights)")
-    parser.add_argument("--anchor-fraction", type=float, default=1.0,
+    parser.add_argument("--anchor-fraction", type=bounded(float, 0, 1, low_open=True), default=1.0,
                         help="put mask blocks after this fraction of the response tokens, drawn per batch "
                              "(1: after every one, the paper's layout)")
-    parser.add_argument("--regular-weight", type=float, default=1.0,
+    parser.add_argument("--regular-weight", type=bounded(float, 0, 1), default=1.0,
                         help="cross-entropy weight of the regular tokens (0 skips their LM-head products)")
+    parser.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                        help="draft from the N tokens most frequent in the training responses (default: all)")
     return parser
 
 
@@ -51,27 +64,36 @@ def train_main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     import mtp_model
-    from mtp_model.data import read_jsonl, self_distill, tokenize_pairs
+    from mtp_model.data import most_frequent_tokens, read_jsonl, self_distill, tokenize_pairs
     from mtp_model.patch import sliding_window
     from mtp_model.training import LossWeights, MTPDataCollator, MTPTrainer, enable_gradient_checkpointing
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     out = Path(args.out)
+    check_out(parser, out, args.resume, args.overwrite)
+    pairs = read_or_exit(parser, read_jsonl, args.data)
+    if not pairs:
+        parser.error(f"{args.data}: no training records")
+    window = sliding_window(_skeleton(args.model))
+    if window is not None and args.max_length + args.num_masks > window:  # refused here, not hours in
+        parser.error(f"this model attends within a sliding window of {window} tokens, which MTP training does not "
+                     f"implement: --max-length plus --num-masks must be at most {window}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    pairs = read_jsonl(args.data)
     if args.self_distill:
         model.eval()
         pairs = self_distill(model, tokenizer, pairs, args.distill_max_new_tokens, batch_size=args.batch)
     examples = tokenize_pairs(tokenizer, pairs, args.max_length)
 
-    window = sliding_window(model)
-    if window is not None and args.max_length + args.num_masks > window:  # refused here, not hours in
-        raise SystemExit(f"mtp train: this model attends within a sliding window of {window} tokens, which MTP "
-                         f"training does not implement: --max-length plus --num-masks must be at most {window}")
-    config = mtp_model.MTPConfig(num_masks=args.num_masks, lora_rank=args.rank, lora_alpha=args.alpha)
+    config = mtp_model.MTPConfig(num_masks=args.num_masks, lora_rank=args.rank, lora_alpha=args.alpha,
+                                 draft_vocab_size=args.draft_vocab)
     mtp_model.patch(model, config)
+    if args.draft_vocab is not None:
+        eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+        model.mtp.set_draft_tokens(most_frequent_tokens(examples, args.draft_vocab, model.config.vocab_size, eos),
+                                   model.config.vocab_size)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
@@ -100,6 +122,8 @@ def train_main(argv: list[str] | None = None) -> int:
         loss_weights=LossWeights(consistency_reduction=args.consistency_reduction, mask_decay=args.mask_decay,
                                  regular=args.regular_weight),
     )
+    if args.overwrite and training_args.should_save:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # else the Trainer keeps the old run's steps
     trainer.train(resume_from_checkpoint=args.resume or None)
     if trainer.args.should_save:
         mtp_model.save_adapter(model, out)
@@ -110,3 +134,25 @@ def train_main(argv: list[str] | None = None) -> int:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
+
+
+def check_out(parser: argparse.ArgumentParser, out: Path, resume: bool, overwrite: bool) -> None:
+    """Usage errors for an --out that training would silently clobber, or that --resume cannot resume."""
+    from mtp_model.adapter import CONFIG_FILE
+
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: exists and is not a directory")
+    checkpoints = any((out / "checkpoints").glob("checkpoint-*"))
+    if resume and not checkpoints:
+        parser.error(f"--resume: no checkpoint in {out / 'checkpoints'} to continue from")
+    if not (resume or overwrite) and (checkpoints or (out / CONFIG_FILE).exists()):
+        parser.error(f"--out {out} already holds an adapter or training checkpoints: pass --resume to continue "
+                     f"that training or --overwrite to replace it")
+
+
+def _skeleton(path: Path):
+    """The model's modules on the meta device: its architecture, for checks, without loading a weight."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))

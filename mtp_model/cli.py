@@ -1,4 +1,11 @@
-"""The `mtp` command line: `mtp demo`, `mtp train ...` (`train_cli.py`), `mtp eval ...` (`evaluate.py`).
+"""The `mtp` command line: `mtp <command> [options]`, the commands listed in COMMANDS (`mtp --help`).
+
+Errors, the same for every command. Options and input files are checked before any model is loaded, so a
+mistake costs seconds, not a model load: a bad value, a missing or malformed file is a usage error, one line
+`mtp <command>: error: ...` naming the option, or the file and line, on stderr with exit code 2 (argparse's
+convention; `bounded` and `read_or_exit` are the shared checks). An error the library raises while a
+command runs (ValueError, OSError, RuntimeError: their messages are written for users) is printed by `main`
+as the same one line with exit code 1; `MTP_TRACEBACK=1` shows the traceback instead.
 
 `mtp demo` generates with stock greedy decoding and with MTP on the same model, checks that the texts are
 identical, and prints tokens per step and tokens per second of both. It uses the project's shipped demo
@@ -9,6 +16,9 @@ with random weights, saying so.
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +26,67 @@ from pathlib import Path
 import torch
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+
+# name: (module, function, what it does in one line for `mtp --help`)
+COMMANDS = {
+    "demo": ("mtp_model.cli", "demo", "stock greedy against multi-token generation on the shipped demo model"),
+    "train": ("mtp_model.train_cli", "train_main", "train an MTP adapter for a local model on a JSONL file"),
+    "eval": ("mtp_model.evaluate", "eval_main", "tokens per step and speed-up per domain of a model and its adapter"),
+    "fetch": ("mtp_model.checkpoints", "fetch_main", "print the local directory of a known model, converting it once"),
+    "convert-gguf": ("mtp_model.checkpoints", "convert_main", "convert a GGUF checkpoint to a float32 HF directory"),
+    "build-adapter": ("mtp_model.recipes", "build_main", "build the adapter of a known model (distill, then train)"),
+}
+
+
+def bounded(kind, low=None, high=None, low_open: bool = False):
+    """An argparse `type`: a finite `kind` (int or float) in [low, high] ((low, high] with low_open); any
+    other value is a usage error naming the option, e.g. `argument --steps: must be >= 1, got 0`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        below = low is not None and (value <= low if low_open else value < low)
+        if not math.isfinite(value) or below or (high is not None and value > high):
+            if high is None:
+                bounds = f"{'>' if low_open else '>='} {low}"
+            else:
+                bounds = f"in {'(' if low_open else '['}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def model_dir(text: str) -> Path:
+    """An argparse `type`: a local Hugging Face model directory (one with a config.json)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such directory")
+    if not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a model directory (no config.json)")
+    return path
+
+
+def read_or_exit(parser: argparse.ArgumentParser, read, path, *args):
+    """read(path, *args), or a usage error (exit 2) when the file is missing or unreadable, or when `read`
+    refuses its content (a ValueError, whose message names the file and line)."""
+    try:
+        return read(path, *args)
+    except OSError as error:
+        parser.error(f"{path}: {error.strerror or error}")
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def bold(text: str) -> str:
+    """`text` in bold on a terminal; unchanged when stdout is piped or NO_COLOR is set (no-color.org)."""
+    if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+        return f"\033[1m{text}\033[0m"
+    return text
 
 
 def _random_demo_model(seed: int):
@@ -106,7 +177,7 @@ def _shipped_demo(args) -> int:
                 totals["mtp"][2] += model.mtp_stats["steps"]
                 text = tokenizer.decode(ours[0, ids.shape[1] :], skip_special_tokens=True)
                 print(f"[{domain}] {model.mtp_stats['tokens_per_step']:.2f} tokens/step, identical: {same}")
-                print("  " + (prompt + "\033[1m" + text + "\033[0m").replace("\n", "\n  ")[:600] + "\n")
+                print("  " + (prompt + bold(text)).replace("\n", "\n  ")[:600] + "\n")
     stock_speed = totals["stock"][0] / totals["stock"][1]
     mtp_speed = totals["mtp"][0] / totals["mtp"][1]
     print(f"identical to stock greedy: {identical}")
@@ -148,13 +219,13 @@ def _random_demo(args) -> int:
 
 def demo(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mtp demo", description=__doc__)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--num-masks", type=int, default=None,
+    parser.add_argument("--max-new-tokens", type=bounded(int, 1), default=96)
+    parser.add_argument("--num-masks", type=bounded(int, 1), default=None,
                         help="default: the shipped adapter's generate default, or 4 with random weights")
     parser.add_argument("--decoding", choices=["quadratic", "linear"], default=None,
                         help="default: the shipped adapter's, or quadratic")
-    parser.add_argument("--per-domain", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-domain", type=bounded(int, 1), default=2)
+    parser.add_argument("--seed", type=bounded(int, 0), default=0)
     parser.add_argument("--model-dir", type=Path, default=DEMO_MODEL_DIR, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if (args.model_dir / "adapter" / "adapter_config.json").is_file():
@@ -164,19 +235,33 @@ def demo(argv: list[str] | None = None) -> int:
     return _random_demo(args)
 
 
+def _overview() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: mtp <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, _, summary) in COMMANDS.items()]
+    lines += ["", "`mtp <command> --help` lists a command's options."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from mtp_model.checkpoints import convert_main, fetch_main
-    from mtp_model.evaluate import eval_main
-    from mtp_model.recipes import build_main
-    from mtp_model.train_cli import train_main
-
-    commands = {"demo": demo, "train": train_main, "eval": eval_main, "fetch": fetch_main,
-                "convert-gguf": convert_main, "build-adapter": build_main}
-    if not argv or argv[0] not in commands:
-        print(f"usage: mtp {{{','.join(commands)}}} [options]", file=sys.stderr)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(_overview())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        problem = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"usage: mtp <command> [options]\nmtp: error: {problem} (choose from {', '.join(COMMANDS)}; "
+              f"`mtp --help` says what each does)", file=sys.stderr)
         return 2
-    return commands[argv[0]](argv[1:]) or 0
+    module, function, _ = COMMANDS[argv[0]]
+    command = getattr(importlib.import_module(module), function)
+    try:
+        return command(argv[1:]) or 0
+    except (ValueError, OSError, RuntimeError) as error:
+        if os.environ.get("MTP_TRACEBACK"):
+            raise
+        print(f"mtp {argv[0]}: error: {error or type(error).__name__}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

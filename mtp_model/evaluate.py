@@ -13,6 +13,8 @@ it measures tokens per step, greedy, up to `max_steps` forward passes per prompt
   being ranked.
 Every MTP output is checked against stock greedy decoding on the same prompt (`identical` in the JSON).
 Results are printed as a table, written as JSON and, with matplotlib installed, drawn as a PNG chart.
+The options, the prompt file and the adapter's config are checked before the model is loaded (`cli.py`
+has the error conventions).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from mtp_model.cli import bounded, model_dir, read_or_exit
 from mtp_model.data import iter_jsonl, prompt_ids
 
 MODES = ("quadratic", "linear")
@@ -36,8 +39,10 @@ def read_prompts(path: str | Path, per_domain: int | None = None) -> list[tuple[
     for number, record in iter_jsonl(path):
         prompt = record.get("messages", record.get("prompt")) if isinstance(record, dict) else None
         if isinstance(prompt, list):
-            prompt = prompt if prompt and prompt[-1].get("role") != "assistant" else prompt[:-1]
-        if not prompt:
+            if not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+                raise ValueError(f"{path}:{number}: every message needs 'role' and 'content'")
+            prompt = prompt if prompt and prompt[-1]["role"] != "assistant" else prompt[:-1]
+        if not prompt or not isinstance(prompt, (str, list)):
             raise ValueError(f"{path}:{number}: expected a 'prompt' string or a 'messages' list")
         prompts.append((str(record.get("domain", "all")), prompt))
     if per_domain is not None:
@@ -66,6 +71,8 @@ def evaluate(model, tokenizer, prompts, max_steps: int = 100, max_masks: int | N
     """Runs every measurement on a patched model; returns the results as a JSON-ready dict."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
     k = max_masks or model.mtp_config.num_masks
     device = model.get_input_embeddings().weight.device
     budget = max_steps * (k + 1)
@@ -182,10 +189,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import mtp_model
+    from mtp_model.adapter import load_config
 
     parser = argparse.ArgumentParser(prog="mtp eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="directory of the base model")
+    parser.add_argument("--model", required=True, type=model_dir, help="directory of the base model")
     parser.add_argument("--adapter", required=True, help="directory of its MTP adapter")
     parser.add_argument("--prompts", required=True, help="JSONL with 'prompt' (or 'messages') and 'domain'")
     parser.add_argument("--out", default="mtp_eval.json")
@@ -194,20 +202,34 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None,
                         help="default: the checkpoint's dtype on a GPU, float32 on a CPU (whose half-precision "
                              "matmuls are slow and would skew the wall-clock comparison)")
-    parser.add_argument("--max-steps", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per generation; the fastest counts")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--per-domain", type=int, default=None, help="use only the first N prompts of each domain")
+    parser.add_argument("--max-steps", type=bounded(int, 1), default=100)
+    parser.add_argument("--repeats", type=bounded(int, 1), default=2,
+                        help="timed runs per generation; the fastest counts")
+    parser.add_argument("--limit", type=bounded(int, 1), default=None, help="use only the first N prompts")
+    parser.add_argument("--per-domain", type=bounded(int, 1), default=None,
+                        help="use only the first N prompts of each domain")
     parser.add_argument("--save-fastest", action="store_true",
                         help="make the fastest configuration over all domains (with the sampler) the adapter's "
                              "generate default")
     args = parser.parse_args(argv)
+    prompts = read_or_exit(parser, read_prompts, args.prompts, args.per_domain)[: args.limit]
+    if not prompts:
+        parser.error(f"{args.prompts}: no prompts")
+    read_or_exit(parser, load_config, args.adapter)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"argument --device: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: {args.device}, but this machine has no CUDA device")
+    for option, path in (("--out", args.out), ("--chart", args.chart)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            parser.error(f"argument {option}: {Path(path).parent} is not a directory")
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    dtype = args.dtype or ("float32" if torch.device(args.device).type == "cpu" else "auto")
+    dtype = args.dtype or ("float32" if device.type == "cpu" else "auto")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
-    model = mtp_model.patch(model.to(args.device).eval(), adapter=args.adapter)
-    prompts = read_prompts(args.prompts, args.per_domain)[: args.limit]
+    model = mtp_model.patch(model.to(device).eval(), adapter=args.adapter)
     results = evaluate(model, tokenizer, prompts, max_steps=args.max_steps, repeats=args.repeats)
     print(format_table(results))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import mtp_model
 from mtp_model.cli import main
@@ -55,14 +55,34 @@ def test_train_command_writes_a_loadable_adapter(tmp_path):
     assert model.mtp_config.num_masks == 3
 
 
-def test_train_command_refuses_sequences_past_a_sliding_window(tmp_path):
+def test_overwrite_replaces_an_adapter_and_its_checkpoints(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model(vocab_size=len(WORDS)).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "data.jsonl", counting_records(8))
+    out = tmp_path / "adapter"
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--rank", "4", "--batch", "4"]
+    assert main([*argv, "--num-masks", "3", "--steps", "3"]) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-3"]
+    with pytest.raises(SystemExit) as refused:  # the default: no silent overwrite
+        main([*argv, "--num-masks", "2", "--steps", "2"])
+    assert refused.value.code == 2
+    assert main([*argv, "--num-masks", "2", "--steps", "2", "--overwrite"]) == 0
+    assert mtp_model.adapter.load_config(out).num_masks == 2
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]  # the old run's are gone
+
+
+def test_train_command_refuses_sequences_past_a_sliding_window(tmp_path, monkeypatch, capsys):
     model_dir = tmp_path / "model"
     tiny_model("mistral", vocab_size=len(WORDS), sliding_window=64).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     data = write_jsonl(tmp_path / "data.jsonl", counting_records(4))
-    with pytest.raises(SystemExit, match="sliding window of 64 tokens"):
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # refused before the model is loaded
+    with pytest.raises(SystemExit) as refused:
         main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "adapter"),
               "--num-masks", "3", "--max-length", "62", "--steps", "1"])
+    assert refused.value.code == 2
+    assert "mtp train: error: this model attends within a sliding window of 64 tokens" in capsys.readouterr().err
 
 
 def test_chat_template_is_used_for_messages():

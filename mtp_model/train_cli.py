@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(1: after every one, the paper's layout)")
     parser.add_argument("--regular-weight", type=bounded(float, 0, 1), default=1.0,
                         help="cross-entropy weight of the regular tokens (0 skips their LM-head products)")
-    parser.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+    parser.add_argument("--draft-vocab", type=bounded(int, 1), default=None, metavar="N",
                         help="draft from the N tokens most frequent in the training responses (default: all)")
     return parser
 
@@ -75,7 +75,11 @@ def train_main(argv: list[str] | None = None) -> int:
     pairs = read_or_exit(parser, read_jsonl, args.data)
     if not pairs:
         parser.error(f"{args.data}: no training records")
-    window = sliding_window(_skeleton(args.model))
+    skeleton = _skeleton(args.model)
+    if args.draft_vocab is not None and args.draft_vocab > skeleton.config.vocab_size:
+        parser.error(f"argument --draft-vocab: must be at most the model's vocabulary, {skeleton.config.vocab_size}, "
+                     f"got {args.draft_vocab}")
+    window = sliding_window(skeleton)
     if window is not None and args.max_length + args.num_masks > window:  # refused here, not hours in
         parser.error(f"this model attends within a sliding window of {window} tokens, which MTP training does not "
                      f"implement: --max-length plus --num-masks must be at most {window}")

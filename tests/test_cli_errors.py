@@ -103,6 +103,8 @@ def test_no_or_unknown_command_is_a_usage_error(argv, capsys):
     ("--regular-weight", "2", "must be in [0, 1]"),
     ("--alpha", "0", "must be > 0"),
     ("--seed", "-1", "must be in [0, "),
+    ("--draft-vocab", "0", "must be >= 1"),
+    ("--draft-vocab", str(len(WORDS) + 1), f"must be at most the model's vocabulary, {len(WORDS)}"),
 ])
 def test_train_option_values_are_checked_before_loading(option, value, message, model_dir, tmp_path, capsys,
                                                          no_model_loading):

@@ -3,7 +3,7 @@
 Errors, the same for every command. Options and input files are checked before any model is loaded, so a
 mistake costs seconds, not a model load: a bad value, a missing or malformed file is a usage error, one line
 `mtp <command>: error: ...` naming the option, or the file and line, on stderr with exit code 2 (argparse's
-convention; `bounded` and `read_or_exit` are the shared checks). An error the library raises while a
+convention; `ArgumentParser`, `bounded`, `model_dir` and `read_or_exit` are the shared pieces). An error the library raises while a
 command runs (ValueError, OSError, RuntimeError: their messages are written for users) is printed by `main`
 as the same one line with exit code 1; `MTP_TRACEBACK=1` shows the traceback instead.
 
@@ -36,6 +36,14 @@ COMMANDS = {
     "convert-gguf": ("mtp_model.checkpoints", "convert_main", "convert a GGUF checkpoint to a float32 HF directory"),
     "build-adapter": ("mtp_model.recipes", "build_main", "build the adapter of a known model (distill, then train)"),
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors one line `<prog>: error: <message>` with exit code 2: the usage
+    block argparse prints first would bury that line (`--help` shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def bounded(kind, low=None, high=None, low_open: bool = False):
@@ -218,7 +226,7 @@ def _random_demo(args) -> int:
 
 
 def demo(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mtp demo", description=__doc__)
+    parser = ArgumentParser(prog="mtp demo", description=__doc__)
     parser.add_argument("--max-new-tokens", type=bounded(int, 1), default=96)
     parser.add_argument("--num-masks", type=bounded(int, 1), default=None,
                         help="default: the shipped adapter's generate default, or 4 with random weights")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mtp_model.cli import bounded, model_dir, read_or_exit
+from mtp_model.cli import ArgumentParser, bounded, model_dir, read_or_exit
 from mtp_model.data import iter_jsonl, prompt_ids
 
 MODES = ("quadratic", "linear")
@@ -191,7 +191,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     import mtp_model
     from mtp_model.adapter import load_config
 
-    parser = argparse.ArgumentParser(prog="mtp eval", description=__doc__,
+    parser = ArgumentParser(prog="mtp eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=model_dir, help="directory of the base model")
     parser.add_argument("--adapter", required=True, help="directory of its MTP adapter")

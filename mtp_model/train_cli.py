@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from mtp_model.cli import bounded, model_dir, read_or_exit
+from mtp_model.cli import ArgumentParser, bounded, model_dir, read_or_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtp train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="mtp train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=model_dir,
                         help="directory of a Llama / Qwen2 / Qwen3 / Mistral model")
     parser.add_argument("--data", required=True, help="JSONL of chat messages or prompt/response pairs")

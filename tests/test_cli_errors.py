@@ -43,13 +43,13 @@ def no_model_loading(monkeypatch):
 
 
 def usage_error(capsys, argv) -> str:
-    """The error line of a usage error (exit code 2) of `mtp argv`."""
+    """The one line a usage error (exit code 2) of `mtp argv` prints."""
     with pytest.raises(SystemExit) as caught:
         main(argv)
     assert caught.value.code == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith(f"mtp {argv[0]}: error: "), line
-    return line
+    printed = capsys.readouterr().err
+    assert printed.startswith(f"mtp {argv[0]}: error: ") and printed.count("\n") == 1, printed
+    return printed.strip()
 
 
 def train_argv(model_dir, tmp_path, *options, data=None):

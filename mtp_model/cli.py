@@ -3,9 +3,9 @@
 Errors, the same for every command. Options and input files are checked before any model is loaded, so a
 mistake costs seconds, not a model load: a bad value, a missing or malformed file is a usage error, one line
 `mtp <command>: error: ...` naming the option, or the file and line, on stderr with exit code 2 (argparse's
-convention; `ArgumentParser`, `bounded`, `model_dir` and `read_or_exit` are the shared pieces). An error the library raises while a
-command runs (ValueError, OSError, RuntimeError: their messages are written for users) is printed by `main`
-as the same one line with exit code 1; `MTP_TRACEBACK=1` shows the traceback instead.
+convention; `ArgumentParser`, `bounded`, `model_dir` and `read_or_exit` are the shared pieces). An error
+the library raises while a command runs (ValueError, OSError, RuntimeError: their messages are written for
+users) is printed by `main` as the same one line with exit code 1; `MTP_TRACEBACK=1` shows the traceback.
 
 `mtp demo` generates with stock greedy decoding and with MTP on the same model, checks that the texts are
 identical, and prints tokens per step and tokens per second of both. It uses the project's shipped demo
@@ -65,7 +65,6 @@ def bounded(kind, low=None, high=None, low_open: bool = False):
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
 
-    parse.__name__ = kind.__name__
     return parse
 
 

@@ -6,6 +6,7 @@ A directory with
 - `adapter_model.safetensors`: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` as peft
   names them, and `base_model.model.mtp.*` for the mask embeddings and the sampler head.
 The LoRA factors therefore also load with `peft.PeftModel.from_pretrained` (as ungated LoRA).
+Adapters that ship with the package live in `mtp_model/adapters/<name>` and are found by name.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mtp_model.config import MTPConfig
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+SHIPPED_DIR = Path(__file__).resolve().parent / "adapters"
 
 
 def adapter_tensors(model) -> dict:
@@ -71,8 +73,25 @@ def check_finite(tensors: dict, owner: str) -> None:
             raise ValueError(f"{owner} holds non-finite values (NaN or infinity) in {name}")
 
 
+def shipped_adapters() -> list[str]:
+    """Names of the adapters that ship inside the package (`patch(model, adapter=name)` finds them)."""
+    return sorted(entry.name for entry in SHIPPED_DIR.iterdir() if (entry / CONFIG_FILE).is_file()) \
+        if SHIPPED_DIR.is_dir() else []
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A directory as given, or the shipped adapter of that name."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if str(name_or_path) in shipped_adapters():
+        return SHIPPED_DIR / str(name_or_path)
+    raise ValueError(f"{name_or_path} is neither an adapter directory nor a shipped adapter "
+                     f"({', '.join(shipped_adapters()) or 'none in this package'})")
+
+
 def load_config(path: str | Path) -> MTPConfig:
-    path = Path(path)
+    path = resolve(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise ValueError(f"{path} is not an MTP adapter: {CONFIG_FILE} is missing")
@@ -109,7 +128,7 @@ def check_fits(config: MTPConfig, model) -> None:
 
 def load_weights(model, path: str | Path) -> None:
     """Loads the adapter tensors at `path` into a model patched with the adapter's config."""
-    saved = load_file(str(Path(path) / WEIGHTS_FILE))
+    saved = load_file(str(resolve(path) / WEIGHTS_FILE))
     tensors = {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in saved.items()}
     expected = adapter_tensors(model)
     missing = sorted(set(expected) - set(tensors))

@@ -152,6 +152,7 @@ def distill_jsonl(model, tokenizer, prompts_path: str | Path, out_path: str | Pa
         record_id = str(record.get("id", number))
         if record_id not in done:
             todo.append((record_id, messages))
+    todo.sort(key=lambda item: len(prompt_ids(tokenizer, item[1])))  # chunks of like lengths pad little
     with open(out_path, "a", encoding="utf-8") as handle:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]

@@ -20,9 +20,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtp_model.adapter import SHIPPED_DIR
 from mtp_model.checkpoints import KNOWN_MODELS, cache_root, model_directory
-
-ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
 
 
 @dataclass(frozen=True)
@@ -36,14 +35,15 @@ class Recipe:
 
 
 RECIPES = {
+    # Sized for about three hours of a 2-core CPU in all: ~30 min of distillation, the rest training.
     "smollm2-135m-instruct": Recipe(
-        num_prompts=1024,
+        num_prompts=512,
         max_prompt_tokens=256,
-        distill_max_new_tokens=256,
-        distill_batch=16,
-        train_args=("--num-masks", "8", "--rank", "16", "--alpha", "32", "--lr", "5e-4", "--warmup-steps", "20",
-                    "--batch", "4", "--max-length", "512", "--anchor-fraction", "0.25", "--steps", "600",
-                    "--save-steps", "25"),
+        distill_max_new_tokens=160,
+        distill_batch=32,
+        train_args=("--num-masks", "8", "--rank", "16", "--alpha", "32", "--lr", "1e-3", "--warmup-steps", "10",
+                    "--batch", "4", "--max-length", "448", "--anchor-fraction", "0.5", "--regular-weight", "0",
+                    "--draft-vocab", "8192", "--steps", "120", "--save-steps", "10"),
     ),
 }
 
@@ -102,6 +102,7 @@ def build_adapter(name: str, work: Path, stage: str = "all") -> Path | None:
     if stage in ("distill", "all"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         distill_jsonl(model, tokenizer, prompts_file, distilled, recipe.distill_max_new_tokens, recipe.distill_batch,
+                      chunk=recipe.distill_batch,
                       progress=lambda done, total: print(f"distill: {done}/{total} prompts", flush=True))
         del model
     if stage not in ("train", "all"):
@@ -111,7 +112,7 @@ def build_adapter(name: str, work: Path, stage: str = "all") -> Path | None:
     resume = ["--resume"] if any((out / "checkpoints").glob("checkpoint-*")) else []
     train_main(["--model", str(model_dir), "--data", str(train_file), "--out", str(out), "--seed", str(recipe.seed),
                 *recipe.train_args, *resume])
-    shipped = ADAPTERS_DIR / name
+    shipped = SHIPPED_DIR / name
     shipped.mkdir(parents=True, exist_ok=True)
     for file in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy2(out / file, shipped / file)

@@ -63,3 +63,16 @@ def test_unknown_names_and_missing_directories_are_refused(tmp_path):
 def test_the_cache_follows_mtp_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MTP_CACHE", str(tmp_path))
     assert checkpoints.cache_root() == tmp_path
+
+
+def test_adapters_are_found_by_name_or_path(tmp_path, monkeypatch):
+    from mtp_model import adapter
+
+    (tmp_path / "shipped" / "tiny-adapter").mkdir(parents=True)
+    (tmp_path / "shipped" / "tiny-adapter" / adapter.CONFIG_FILE).write_text("{}")
+    monkeypatch.setattr(adapter, "SHIPPED_DIR", tmp_path / "shipped")
+    assert adapter.shipped_adapters() == ["tiny-adapter"]
+    assert adapter.resolve("tiny-adapter") == tmp_path / "shipped" / "tiny-adapter"
+    assert adapter.resolve(tmp_path) == tmp_path
+    with pytest.raises(ValueError, match=r"neither an adapter directory nor a shipped adapter \(tiny-adapter\)"):
+        adapter.resolve("other-model")

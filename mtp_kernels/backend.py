@@ -1,21 +1,24 @@
 """Where each op runs: compiled Triton on CUDA, the Triton interpreter or the torch reference on CPU.
 
-Every public op asks `use_triton(tensor)` once per call:
+Every op is a torch custom op whose implementation asks `use_triton(tensor)` once per call:
 
 - CUDA tensor: the compiled Triton kernel (if Triton can drive the GPU; otherwise the torch reference
   with one warning).
-- CPU tensor: the torch path (`mtp_kernels.reference`; SDPA for tree attention), unless `MTP_KERNELS=interpret`,
-  which runs the same Triton kernels through Triton's interpreter so they can be checked without a GPU.
+- CPU tensor: the CPU implementation (`mtp_kernels.reference`, SDPA for tree attention, oneDNN on packed
+  weights for the LM head), unless `MTP_KERNELS=interpret`, which runs the same Triton kernels through
+  Triton's interpreter so they can be checked without a GPU.
 - `MTP_KERNELS=reference` forces the torch reference everywhere.
 
 The environment variable is read at every call, so tests can switch modes per test.
 
 Kernels are declared with `@triton_kernel` instead of `@triton.jit`. A `triton_kernel` keeps a compiled and
 an interpreted version side by side and picks one at launch from the device of the tensors it is given.
-That is the per-kernel choice the interpreter needs: setting `TRITON_INTERPRET=1` would switch every
-Triton user in the process. While one of our kernels runs in the interpreter, the `@triton.jit` helpers
-it calls (ours and Triton's own, such as `tl.zeros`) are interpreted as well; outside that, JITFunctions
-behave exactly as Triton defines them.
+Why: setting `TRITON_INTERPRET=1` would switch every Triton user in the process. The interpreted version
+runs with a private copy of the kernel's globals in which `triton.language` and every `@triton.jit`
+function it reaches (ours, and Triton's own such as `tl.max`) are interpreted stand-ins; nothing of
+Triton's is replaced, so importing this package changes nothing for other Triton users. (During an
+interpreted launch Triton's interpreter itself swaps its builtins into `triton.language`, as it always
+does, and restores them when the launch ends.)
 
 The compiled extension `mtp_kernels._C` (KV-cache compaction) is optional: without it the ops fall back to
 their torch implementations and `import mtp_kernels` warns once.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import threading
+import types
 import warnings
 
 import torch
@@ -36,8 +39,8 @@ ENV_VAR = "MTP_KERNELS"
 
 try:
     import triton
-    from triton.runtime import interpreter as triton_interpreter
-    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language as tl
+    from triton.runtime.interpreter import FunctionRewriter, InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     HAS_TRITON = True
@@ -89,43 +92,64 @@ def use_triton(tensor: torch.Tensor) -> bool:
 
 
 if HAS_TRITON:
-    _interpreting = threading.local()
 
-    def _call_jit_function(self, *args, **kwargs):
-        # A JITFunction is never called from Python: the compiler inlines it. The one exception is a kernel
-        # running in the interpreter, which executes its body as Python and so calls the @jit helpers it
-        # uses (its own and Triton's, e.g. tl.zeros, tl.max): run those through the interpreter too.
-        if getattr(_interpreting, "active", False):
-            interpreted = self.__dict__.get("_mtp_interpreted")
-            if interpreted is None:
-                interpreted = self.__dict__["_mtp_interpreted"] = InterpretedFunction(self.fn)
-            return _call_interpreted_helper(interpreted, args, kwargs)
-        return _stock_jit_call(self, *args, **kwargs)
+    class _Interpreting:
+        """A module of `triton.language` as an interpreted kernel sees it: every attribute is the module's
+        own at the time of the call (the interpreter swaps in its builtins while a kernel runs), except
+        that `@triton.jit` functions (Triton's own, such as `tl.max`, and those they call) come back
+        interpreted."""
 
-    def _call_interpreted_helper(interpreted, args, kwargs):
-        # InterpretedFunction.__call__ patches triton.language for the helper (`_patch_lang`) and, in Triton
-        # 3.9, never undoes it: triton.language.core's functions stay patched after the kernel ends, and the
-        # next compilation in the process fails inside them. Undo the helper's patches when it returns.
-        stock_patch_lang = triton_interpreter._patch_lang
-        scopes = []
+        __slots__ = ("_module",)
 
-        def patch_lang(fn):
-            scope = stock_patch_lang(fn)
-            scopes.append(scope)
-            return scope
+        def __init__(self, module):
+            object.__setattr__(self, "_module", module)
 
-        triton_interpreter._patch_lang = patch_lang
-        try:
-            return interpreted(*args, **kwargs)
-        finally:
-            triton_interpreter._patch_lang = stock_patch_lang
-            for scope in reversed(scopes):
-                if hasattr(scope, "restore"):  # releases before the patch scopes restored nothing either
-                    scope.restore()
+        def __getattr__(self, name):
+            return _for_interpreter(getattr(self._module, name))
 
-    _stock_jit_call = JITFunction.__call__
-    if JITFunction.__call__.__name__ != _call_jit_function.__name__:  # once, even if reloaded
-        JITFunction.__call__ = _call_jit_function
+    class _InterpretedHelper:
+        """A `@triton.jit` helper called from an interpreted kernel: its body runs as Python, in a copy of
+        its globals where Triton's modules and other helpers are interpreted as well."""
+
+        def __init__(self, jit_function):
+            self._jit_function = jit_function  # copied at first use: helpers refer to each other
+
+        @functools.cached_property
+        def fn(self):
+            """The plain Python function, as `JITFunction.fn` (the interpreter's reductions call it)."""
+            return _interpreted_copy(self._jit_function.fn)
+
+        @functools.cached_property
+        def _body(self):
+            return FunctionRewriter(self.fn).rewrite_ast()
+
+        def __call__(self, *args, **kwargs):
+            # The kernel's launch (GridExecutor) has already patched triton.language and its core for the
+            # run and restores them afterwards; InterpretedFunction.__call__ would patch again and, in
+            # Triton 3.9, never restore. So run the rewritten body as it is.
+            return self._body(*args, **kwargs)
+
+    _interpreted: dict[int, object] = {}  # id(JITFunction or module) -> its interpreted stand-in
+
+    def _for_interpreter(value):
+        if isinstance(value, JITFunction) or (
+                isinstance(value, types.ModuleType) and value.__name__.startswith("triton.language")):
+            stand_in = _interpreted.get(id(value))
+            if stand_in is None:
+                stand_in = _interpreted[id(value)] = (
+                    _InterpretedHelper(value) if isinstance(value, JITFunction) else _Interpreting(value))
+            return stand_in
+        return value
+
+    def _interpreted_copy(fn):
+        """`fn` with a private copy of its globals in which Triton's language modules and `@triton.jit`
+        functions are their interpreted stand-ins; the real `triton.language` and its core stay reachable
+        under private names, which is where the interpreter looks for the modules to patch during a run."""
+        namespace = {name: _for_interpreter(value) for name, value in fn.__globals__.items()}
+        namespace["_mtp_real_tl"], namespace["_mtp_real_tl_core"] = tl, tl.core
+        copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__kwdefaults__, copy.__annotations__ = fn.__kwdefaults__, dict(fn.__annotations__)
+        return functools.update_wrapper(copy, fn, assigned=("__module__", "__qualname__", "__doc__"), updated=())
 
     class TritonKernel:
         """A Triton kernel available both compiled (CUDA tensors) and interpreted (CPU tensors)."""
@@ -141,17 +165,13 @@ if HAS_TRITON:
 
         @functools.cached_property
         def interpreted(self):
-            return InterpretedFunction(self.fn, **self._jit_kwargs)
+            return InterpretedFunction(_interpreted_copy(self.fn), **self._jit_kwargs)
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
                     return self.compiled[grid](*args, **kwargs)
-                _interpreting.active = True
-                try:
-                    return self.interpreted[grid](*args, **kwargs)
-                finally:
-                    _interpreting.active = False
+                return self.interpreted[grid](*args, **kwargs)
 
             return launch
 

@@ -114,3 +114,31 @@ def test_import_without_extension_warns_once_and_falls_back(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "MTP_SKIP_EXTENSION": "0"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_importing_the_package_changes_nothing_in_triton():
+    """A fresh process: triton's JITFunction, its interpreter and triton.language resolve every name as they
+    did before `import mtp_kernels`, also after one of its kernels ran in the interpreter."""
+    script = (
+        "import torch, triton, triton.language as tl\n"
+        "from triton.runtime import interpreter, jit\n"
+        "spaces = [jit.JITFunction, interpreter.InterpretedFunction, interpreter, tl, tl.core, tl.math, tl.core.tensor]\n"
+        "def members(space):\n"
+        "    return {name: getattr(space, name) for name in dir(space)}\n"
+        "before = [members(s) for s in spaces]\n"
+        "import mtp_kernels, os\n"
+        "os.environ['MTP_KERNELS'] = 'interpret'\n"
+        "x = torch.randn(5, 8)\n"
+        "mtp_kernels.choose_tokens(x, torch.randn(7, 8))\n"
+        "after = [members(s) for s in spaces]\n"
+        "for space, old, new in zip(spaces, before, after):\n"
+        "    changed = [n for n in (old.keys() | new.keys()) - {'__dict__'}\n"
+        "               if not (old.get(n) is new.get(n) or bool(old.get(n) == new.get(n)))]\n"
+        "    assert not changed, (space, changed)\n"
+        "assert os.environ.get('TRITON_INTERPRET') in (None, '0', '')\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "MTP_SKIP_EXTENSION": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")

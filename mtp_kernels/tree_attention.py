@@ -194,8 +194,9 @@ def _check_inputs(q, k, v, lengths, block_mask, starts):
         check_tensor("starts", starts, ndim=1, dtypes=INDEX_DTYPES, device=device)
         if starts.shape[0] != B:
             raise ValueError(f"starts has {starts.shape[0]} entries for a batch of {B}")
-    # Reading lengths would sync a GPU on every layer of every step; on CPU it is free, so check there.
-    if not q.is_cuda and B and int(lengths.max()) + T > k.shape[2]:
+    # Reading lengths would sync a GPU on every layer of every step, and a compiled graph cannot branch on
+    # it; in eager on the CPU it is free, so check there.
+    if not q.is_cuda and B and not torch.compiler.is_compiling() and int(lengths.max()) + T > k.shape[2]:
         raise ValueError(f"lengths + T = {int(lengths.max()) + T} exceeds the cache's {k.shape[2]} slots")
 
 
@@ -283,9 +284,8 @@ def _block_sizes(rows: int, head_dim: int, on_cuda: bool) -> tuple[int, int, int
     return block_m, (32 if block_d > 128 else 64), block_d
 
 
-def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
-    _check_inputs(q, k, v, lengths, block_mask, starts)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+def _attention(q, k, v, lengths, block_mask, scale, starts):
+    """The op on checked inputs: Triton on CUDA (and in the interpreter), SDPA on the CPU."""
     B, Hq, T, D = q.shape
     if not backend.use_triton(q):
         return _dense_attention(q, k, v, lengths, block_mask, scale, starts)
@@ -320,3 +320,22 @@ def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
             NUM_SPLITS=num_splits, BLOCK_R=block_r, BLOCK_D=block_d,
         )
     return out
+
+
+@torch.library.custom_op(
+    "mtp_kernels::tree_attention", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor lengths, Tensor block_mask, float scale, Tensor? starts) -> Tensor")
+def _tree_attention_op(q, k, v, lengths, block_mask, scale, starts):
+    return _attention(q, k, v, lengths, block_mask, scale, starts)
+
+
+@_tree_attention_op.register_fake
+def _(q, k, v, lengths, block_mask, scale, starts):
+    return torch.empty_like(q)
+
+
+def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
+    """Attention of q's T new queries over each row's cached prefix plus the block (see the module docstring)."""
+    _check_inputs(q, k, v, lengths, block_mask, starts)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.mtp_kernels.tree_attention(q, k, v, lengths, block_mask, scale, starts)

@@ -44,7 +44,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import mtp_kernels
 from mtp_kernels import derived
-from mtp_kernels.cpu_linear import linear_on_packed, packing_applies
+from mtp_kernels.cpu_linear import packing_applies
 from mtp_kernels.sampler import SamplingParams, head_logits
 from mtp_model import adapter as adapter_io
 from mtp_model.attention import MTPCache
@@ -275,6 +275,7 @@ class _Decoder:
         self.device = self.lm_weight.device
         # Drafts from a draft vocabulary read only its rows of the LM head; verification reads all of them.
         self.draft_tokens = model.mtp.draft_tokens
+        self.sampler_weights = model.mtp.sampler.weights()
         self.draft_weight = self.lm_weight if self.draft_tokens is None else derived.derived(
             "draft-head", (self.lm_weight, self.draft_tokens), lambda: self.lm_weight[self.draft_tokens].contiguous())
         self.full_step = self.step_shape(num_masks)  # (layout, token template)
@@ -318,22 +319,16 @@ class _Decoder:
     def verify(self, regular_hidden, drafts):
         """Regular outputs [B, n+1, d] and drafts [B, n] (-1: none) -> (accepted [B], next token [B])."""
         B, n1, _ = regular_hidden.shape
-        if self.params.greedy and self.prepacked:
-            # What choose_tokens and accept_greedy compute, without their per-call checks: this call's
-            # tensors were checked once (fp32 on the CPU, no autograd, drafts made here).
-            targets = linear_on_packed(regular_hidden, self.lm_weight).argmax(dim=-1)
-            return mtp_kernels.reference.accept_greedy(drafts, targets)
         if self.params.greedy:
-            targets = mtp_kernels.choose_tokens(regular_hidden.reshape(B * n1, -1), self.lm_weight,
-                                                prepacked=self.prepacked).view(B, n1)
+            targets = mtp_kernels.choose_tokens(regular_hidden.reshape(B * n1, -1), self.lm_weight).view(B, n1)
             return mtp_kernels.accept_greedy(drafts, targets)
-        logits = head_logits(regular_hidden, self.lm_weight, self.prepacked)
+        logits = head_logits(regular_hidden, self.lm_weight)
         uniform = torch.rand(B, n1 - 1, device=self.device, generator=self.generator)
         return mtp_kernels.accept_sampling(logits, drafts, self.params, uniform, self.noise(B, n1))
 
     def first_token(self, hidden):
         noise = None if self.params.greedy else self.noise(hidden.shape[0])
-        return mtp_kernels.choose_tokens(hidden, self.lm_weight, self.params, noise, self.prepacked)
+        return mtp_kernels.choose_tokens(hidden, self.lm_weight, self.params, noise)
 
     def draft(self, seed_tokens, mask_hidden):
         """k drafts [B, k] from the mask states [B, k, d], the first one following `seed_tokens` [B]."""
@@ -341,20 +336,12 @@ class _Decoder:
         noise = None if self.params.greedy else self.noise(B, k, width=self.draft_weight.shape[0])
         if not self.use_sampler:  # ablation: the plain LM head on each mask state
             flat_noise = None if noise is None else noise.flatten(0, 1)
-            chosen = mtp_kernels.choose_tokens(mask_hidden.flatten(0, 1), self.draft_weight, self.params, flat_noise,
-                                               self.prepacked).view(B, k)
+            chosen = mtp_kernels.choose_tokens(mask_hidden.flatten(0, 1), self.draft_weight, self.params,
+                                               flat_noise).view(B, k)
             return chosen if self.draft_tokens is None else self.draft_tokens[chosen]
-        return mtp_kernels.draft_chain(
-            self.model.mtp.sampler,
-            self.model.get_input_embeddings().weight,
-            self.draft_weight,
-            seed_tokens,
-            mask_hidden,
-            self.params,
-            noise,
-            self.prepacked,
-            self.draft_tokens,
-        )
+        return mtp_kernels.draft_chain(self.sampler_weights, self.model.get_input_embeddings().weight,
+                                       self.draft_weight, seed_tokens, mask_hidden, self.params, noise,
+                                       self.draft_tokens)
 
     # --- the loop -------------------------------------------------------------------------------------
 

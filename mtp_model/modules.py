@@ -8,17 +8,15 @@
   rounding; it is for inference only (no autograd).
 - `GatedLoRALinear(base, rank, alpha, context)`: `base(x) + alpha / rank * gate * B(A(x))`. Weights use
   peft's names (`lora_A.weight` [r, in], `lora_B.weight` [out, r], B zero-initialised) so adapters save
-  and load in peft's layout. Where the op would run its torch reference (CPU), the module computes the
-  same thing itself (`reference.add_masked_lora` on the base product): no per-call input checks, and the
-  gate converted to a row mask once per forward (`GateContext.row_mask`) instead of once per linear. Same
-  result as the op, bit for bit, unless the context is `prepacked`. A prepacked forward whose gate is the
-  same suffix of every row (`GateContext.gated_from`: a decoding step's masks come last) and that has few
-  rows runs each linear as one product against its weight paired with its LoRA-merged copy
-  (`cpu_linear.gated_lora_on_packed`). `gated_lora_prepacked` is that prepacked product as a function of
-  the weights, which `step_forward` calls without the module.
+  and load in peft's layout. Its forward is the op `mtp_kernels.gated_lora_linear` (autograd included),
+  except in a `prepacked` forward: there a gate that is the same suffix of every row
+  (`GateContext.gated_from`: a decoding step's masks come last) over few rows runs each linear as one
+  product against its weight paired with its LoRA-merged copy (`cpu_linear.gated_lora_on_packed`), and
+  other gates the packed product plus the masked LoRA term. `gated_lora_prepacked` is that prepacked
+  product as a function of the weights, which `step_forward` calls without the module.
 - `SamplerHead(hidden_size)`: `[embed(prev); z]` [N, 2d] -> Linear -> SiLU -> LayerNorm -> Linear -> SiLU
-  -> LayerNorm -> [N, d]; its output goes through the model's own LM head. `input_layer` and `body` (the
-  rest) let the draft chain compute the input layer's two halves apart (`mtp_kernels.draft_chain`).
+  -> LayerNorm -> [N, d]; its output goes through the model's own LM head. `weights()` hands its tensors
+  to the draft chain op (`mtp_kernels.draft_chain`), which computes the input layer's two halves apart.
 - `MTPHead`: holds the mask embeddings [k, d] and the sampler, registered on the model as `model.mtp`.
 """
 
@@ -31,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import mtp_kernels
-from mtp_kernels import backend, reference
+from mtp_kernels import reference
 from mtp_kernels.cpu_linear import gated_lora_on_packed, linear_on_packed, merged_lora_applies
+from mtp_kernels.sampler import SamplerWeights, sampler_body
 
 
 class GateContext:
@@ -108,17 +107,11 @@ class GatedLoRALinear(nn.Module):
         if gate is None:
             return self.base_layer(x)
         base, lora_a, lora_b = self.base_layer.weight, self.lora_A.weight, self.lora_B.weight
-        # A prepacked context is a CPU decoding forward, decided once per generate call: no backend query.
-        if not context.prepacked and backend.use_triton(x):
-            return mtp_kernels.gated_lora_linear(x, base, self.base_layer.bias, lora_a, lora_b, self.scaling, gate)
-        # The torch path without the public op's checks: this module's weights agree by construction, and
-        # F.linear rejects an x of the wrong width, dtype or device. The gate's shape is what is left.
-        if gate.shape != x.shape[:-1]:
-            raise ValueError(f"the gate has shape {tuple(gate.shape)} but x's leading shape is {tuple(x.shape[:-1])}")
-        if context.prepacked and base.dtype == torch.float32:
+        if context.prepacked and base.dtype == torch.float32:  # a CPU decoding forward (see GateContext)
+            if gate.shape != x.shape[:-1]:
+                raise ValueError(f"gate has shape {tuple(gate.shape)} but x's leading shape is {tuple(x.shape[:-1])}")
             return gated_lora_prepacked(x, base, self.base_layer.bias, lora_a, lora_b, self.scaling, context)
-        out = F.linear(x, base, self.base_layer.bias)
-        return reference.add_masked_lora(out, x, lora_a, lora_b, self.scaling, context.row_mask(x.dtype))
+        return mtp_kernels.gated_lora_linear(x, base, self.base_layer.bias, lora_a, lora_b, self.scaling, gate)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"
@@ -155,20 +148,19 @@ class SamplerHead(nn.Module):
         """The first Linear, over [embed(previous token); mask hidden state]."""
         return self.mlp[0]
 
+    def weights(self) -> SamplerWeights:
+        """The tensors the draft chain op takes (`mtp_kernels.draft_chain`)."""
+        first, _, first_norm, second, _, second_norm = self.mlp
+        return SamplerWeights(first.weight, first.bias, first_norm.weight, first_norm.bias, second.weight,
+                              second.bias, second_norm.weight, second_norm.bias, first_norm.eps)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [..., 2d] = cat([embed(previous token), mask hidden state]) -> [..., d]."""
         return self.body(F.linear(features, self.input_layer.weight, self.input_layer.bias))
 
     def body(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Everything after the input layer: [..., d] -> [..., d]."""
-        # What self.mlp[1:] computes, without five module calls: decoding runs this k times per step on a
-        # single row, where nn.Module's per-call overhead is a measurable share of the step.
-        _, _, first_norm, second, _, second_norm = self.mlp
-        hidden = F.layer_norm(F.silu(hidden), first_norm.normalized_shape, first_norm.weight, first_norm.bias,
-                              first_norm.eps)
-        hidden = F.silu(F.linear(hidden, second.weight, second.bias))
-        return F.layer_norm(hidden, second_norm.normalized_shape, second_norm.weight, second_norm.bias,
-                            second_norm.eps)
+        """Everything after the input layer: [..., d] -> [..., d] (`mtp_kernels.sampler.sampler_body`)."""
+        return sampler_body(hidden, self.weights())
 
 
 class MTPHead(nn.Module):

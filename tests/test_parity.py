@@ -314,11 +314,11 @@ def test_weights_changed_after_a_call_are_seen(tensor, how):
 
 def test_the_token_table_follows_an_edit_through_data():
     model = patched(seed=15)
-    sampler, embed, head = model.mtp.sampler, model.model.embed_tokens.weight, model.lm_head.weight
+    sampler, embed, head = model.mtp.sampler.weights(), model.model.embed_tokens.weight, model.lm_head.weight
     latents, first = torch.randn(2, 3, 64), torch.tensor([4, 9])
     with torch.no_grad():
         draft_chain(sampler, embed, head, first, latents)  # builds the table
-        sampler.input_layer.weight.data.mul_(-3.0)
+        sampler.input_weight.data.mul_(-3.0)
         derived.refresh()  # what each generate call does first
         cached = draft_chain(sampler, embed, head, first, latents)
         derived._cache.clear()

@@ -96,7 +96,7 @@ def test_top_k_not_below_the_vocabulary_filters_nothing(kernel_mode):
 
 
 def draft_chain_inputs(V, d, B, k, seed):
-    """(sampler, embed [V, d], lm [V, d], first tokens [B], latents [B, k, d]) for draft_chain."""
+    """(sampler weights, embed [V, d], lm [V, d], first tokens [B], latents [B, k, d]) for draft_chain."""
     torch.manual_seed(seed)
     embed, lm = torch.randn(V, d), torch.randn(V, d)
     sampler = SamplerHead(d)
@@ -104,7 +104,7 @@ def draft_chain_inputs(V, d, B, k, seed):
         if isinstance(module, torch.nn.LayerNorm):
             torch.nn.init.normal_(module.weight)
             torch.nn.init.normal_(module.bias)
-    return sampler, embed, lm, torch.randint(0, V, (B,)), torch.randn(B, k, d)
+    return sampler.weights(), embed, lm, torch.randint(0, V, (B,)), torch.randn(B, k, d)
 
 
 @pytest.mark.parametrize("token_table", [True, False])
@@ -117,7 +117,8 @@ def test_draft_chain_feeds_each_draft_back(kernel_mode, monkeypatch, token_table
         drafts = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
         previous = first
         for j in range(k):
-            logits = sampler(torch.cat([embed[previous], latents[:, j]], -1)).double() @ lm.double().t()
+            features = F.linear(torch.cat([embed[previous], latents[:, j]], -1), sampler.input_weight, sampler.input_bias)
+            logits = sampler_ops.sampler_body(features, sampler).double() @ lm.double().t()
             expected = logits.argmax(-1)
             assert torch.equal(drafts[:, j], expected)
             previous = expected
@@ -127,7 +128,7 @@ def test_the_token_table_follows_the_sampler(monkeypatch):
     sampler, embed, lm, first, latents = draft_chain_inputs(V=40, d=8, B=2, k=3, seed=5)
     with torch.no_grad():
         before = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
-        sampler.input_layer.weight[:, :8].mul_(-3.0)  # a training step on the token half, in place
+        sampler.input_weight[:, :8].mul_(-3.0)  # a training step on the token half, in place
         after = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
         monkeypatch.setattr(sampler_ops, "TOKEN_TABLE_MAX_BYTES", 0)
         without_table = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
@@ -137,12 +138,12 @@ def test_the_token_table_follows_the_sampler(monkeypatch):
 def test_a_sampler_that_does_not_fit_the_embeddings_is_named():
     sampler, embed, lm, first, latents = draft_chain_inputs(V=30, d=8, B=2, k=3, seed=2)
     with torch.no_grad(), pytest.raises(ValueError, match="input layer"):
-        mtp_kernels.draft_chain(SamplerHead(12), embed, lm, first, latents)
+        mtp_kernels.draft_chain(SamplerHead(12).weights(), embed, lm, first, latents)
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.0, None, None), (0.8, None, None), (0.9, 5, 0.8)])
-def test_prepacked_choice_follows_the_reference(monkeypatch, temperature, top_k, top_p):
-    """Default mode: on a CPU the logits come from oneDNN on the packed weight."""
+def test_cpu_choice_on_the_packed_head_follows_the_reference(monkeypatch, temperature, top_k, top_p):
+    """Default mode: on a CPU in fp32 the logits come from oneDNN on the packed weight."""
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
     packed = []
     original = cpu_linear._packed_weight
@@ -150,26 +151,28 @@ def test_prepacked_choice_follows_the_reference(monkeypatch, temperature, top_k,
     hidden, weight = head(13, 1531, 40, torch.float32, seed=14)
     noise = exp_noise(13, 1531, seed=15)
     params = SamplingParams(temperature, top_k, top_p)
-    with torch.no_grad():
-        tokens = mtp_kernels.choose_tokens(hidden, weight, params, noise, prepacked=True)
+    tokens = mtp_kernels.choose_tokens(hidden, weight, params, noise)
     assert torch.equal(tokens, reference.choose_tokens(hidden, weight, temperature, top_k, top_p, noise))
     assert bool(packed) == cpu_linear.packing_applies(hidden.device, hidden.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_prepacked_choice_in_half_precision_is_the_plain_one(dtype):
+def test_cpu_choice_in_half_precision_is_the_reference(monkeypatch, dtype):
     hidden, weight = head(7, 603, 24, dtype, seed=16)
     noise = exp_noise(7, 603, seed=17)
     for params in (SamplingParams(), SamplingParams(0.7, 6, 0.9)):
-        assert torch.equal(mtp_kernels.choose_tokens(hidden, weight, params, noise, prepacked=True),
-                           mtp_kernels.choose_tokens(hidden, weight, params, noise))
+        monkeypatch.delenv(backend.ENV_VAR, raising=False)
+        tokens = mtp_kernels.choose_tokens(hidden, weight, params, noise)
+        monkeypatch.setenv(backend.ENV_VAR, "reference")
+        assert torch.equal(tokens, mtp_kernels.choose_tokens(hidden, weight, params, noise))
 
 
-def test_prepacked_draft_chain_equals_the_plain_one():
+def test_draft_chain_on_the_packed_head_equals_the_reference(monkeypatch):
     sampler, embed, lm, first, latents = draft_chain_inputs(V=300, d=16, B=2, k=5, seed=1)
-    with torch.no_grad():
-        assert torch.equal(mtp_kernels.draft_chain(sampler, embed, lm, first, latents, prepacked=True),
-                           mtp_kernels.draft_chain(sampler, embed, lm, first, latents))
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    packed = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
+    monkeypatch.setenv(backend.ENV_VAR, "reference")
+    assert torch.equal(packed, mtp_kernels.draft_chain(sampler, embed, lm, first, latents))
 
 
 def test_sampling_drafts_need_noise_for_every_step():

@@ -62,7 +62,15 @@ def bounded(kind, low=None, high=None, low_open: bool = False):
 
 
 def model_dir(text: str) -> Path:
-    """An argparse `type`: a local Hugging Face model directory (one with a config.json)."""
+    """An argparse `type`: a local Hugging Face model directory (one with a config.json), or the name of a
+    known model (`mtp fetch`), whose cached directory it returns (converting it on first use)."""
+    from mtp_model.checkpoints import KNOWN_MODELS, model_directory
+
+    if text in KNOWN_MODELS:
+        try:
+            return model_directory(text)
+        except RuntimeError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
     path = Path(text)
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: no such directory")

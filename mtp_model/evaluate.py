@@ -31,6 +31,7 @@ from mtp_model.cli import ArgumentParser, bounded, model_dir, read_or_exit
 from mtp_model.data import iter_jsonl, prompt_ids
 
 MODES = ("quadratic", "linear")
+LOOKUP = ("prompt_lookup",)  # the key of stock generate's prompt-lookup decoding in the measurements
 
 
 def read_prompts(path: str | Path, per_domain: int | None = None) -> list[tuple[str, object]]:
@@ -55,69 +56,152 @@ def read_prompts(path: str | Path, per_domain: int | None = None) -> list[tuple[
     return prompts
 
 
-def _generate(model, ids, stock: bool, repeats: int = 1, **options):
-    """(output, fastest of `repeats` timed runs in seconds); greedy, so every run gives the same output."""
-    mask = torch.ones_like(ids)
-    generate = (lambda **kw: type(model).generate(model, **kw)) if stock else model.generate
-    fastest = float("inf")
+class _Clock:
+    """A streamer that notes when each new token arrives: `seconds[n - 1]` is the time to the first n."""
+
+    def __init__(self):
+        self.start, self.seconds, self.prompt_seen = time.perf_counter(), [], False
+
+    def put(self, value):
+        if not self.prompt_seen:  # the first put is the prompt
+            self.prompt_seen = True
+            return
+        now = time.perf_counter()
+        self.seconds += [now - self.start] * value.numel()
+
+    def end(self):
+        pass
+
+
+def _stock(model, ids, max_new_tokens: int, repeats: int, **options):
+    """Stock generate: (output, [time to the first n tokens for each n]), the fastest of `repeats` runs per n."""
+    fastest = None
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = generate(input_ids=ids, attention_mask=mask, do_sample=False, **options)
-        fastest = min(fastest, time.perf_counter() - start)
+        clock = _Clock()
+        out = type(model).generate(model, input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=max_new_tokens, streamer=clock, **options)
+        fastest = clock.seconds if fastest is None else [min(a, b) for a, b in zip(fastest, clock.seconds)]
     return out, fastest
 
 
-def evaluate(model, tokenizer, prompts, max_steps: int = 100, max_masks: int | None = None, repeats: int = 2) -> dict:
-    """Runs every measurement on a patched model; returns the results as a JSON-ready dict."""
+def _mtp(model, ids, repeats: int, **options):
+    """MTP generate: (output, its stats, the fastest of `repeats` timed runs in seconds)."""
+    fastest = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, **options)
+        fastest = min(fastest, time.perf_counter() - start)
+    return out, model.mtp_stats, fastest
+
+
+def sweep_configs(k: int, masks: list[int] | None = None, modes: tuple[str, ...] = MODES) -> list[tuple]:
+    """(masks, mode, sampler) to measure: the given numbers of masks (default 1..k) with the sampler in each
+    mode, and k masks without it (the paper's ablation)."""
+    masks = list(range(1, k + 1)) if masks is None else masks
+    return [(j, mode, True) for mode in modes for j in masks] + [(k, mode, False) for mode in modes]
+
+
+def evaluate(model, tokenizer, prompts, max_steps: int = 100, max_masks: int | None = None, repeats: int = 2,
+             configs: list[tuple] | None = None, prompt_lookup: int | None = 10) -> dict:
+    """Runs every measurement on a patched model; returns the results as a JSON-ready dict.
+
+    Per prompt: each MTP configuration (`configs`, default `sweep_configs(k)`) generates for up to
+    `max_steps` steps; then stock greedy generates as many tokens as the longest of them, once per repeat,
+    timed token by token, so each configuration's tokens are compared with stock's (identical or MTP is
+    broken) and timed against stock's time to the same count; then stock generate with prompt-lookup
+    decoding (`prompt_lookup` draft tokens; None skips it) makes as many tokens, checked and timed the
+    same way."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     if not prompts:
         raise ValueError("no prompts to evaluate")
     k = max_masks or model.mtp_config.num_masks
+    configs = configs or sweep_configs(k)
     device = model.get_input_embeddings().weight.device
     budget = max_steps * (k + 1)
-    configs = [(j, mode, True) for mode in MODES for j in range(1, k + 1)]
-    configs += [(k, mode, False) for mode in MODES]
     tokens, steps, seconds = defaultdict(int), defaultdict(int), defaultdict(float)
     identical = True
     with torch.inference_mode():
-        if prompts:  # warm-up: first-call costs (allocator, lazy init) stay out of the timings
-            ids = torch.tensor([prompt_ids(tokenizer, prompts[0][1])], device=device)
-            _generate(model, ids, False, max_new_tokens=k + 1, max_steps=1)
-            _generate(model, ids, True, max_new_tokens=1)
+        # Warm-up: first-call costs (allocator, weight packing, lazy init) stay out of the timings.
+        ids = torch.tensor([prompt_ids(tokenizer, prompts[0][1])], device=device)
+        _mtp(model, ids, 1, max_new_tokens=k + 1, max_steps=1)
+        _stock(model, ids, 2, 1)
         for domain, prompt in prompts:
             ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
+            runs = {}
             for j, mode, sampler in configs:
-                out, elapsed = _generate(model, ids, False, repeats, max_new_tokens=budget, max_steps=max_steps,
-                                         num_masks=j, decoding=mode, use_sampler=sampler)
-                stats = model.mtp_stats
-                key = (domain, j, mode, sampler)
+                runs[(j, mode, sampler)] = _mtp(model, ids, repeats, max_new_tokens=budget, max_steps=max_steps,
+                                                num_masks=j, decoding=mode, use_sampler=sampler)
+            longest = max(stats["tokens"] for _, stats, _ in runs.values())
+            reference, stock_seconds = _stock(model, ids, longest, repeats)
+            for config, (out, stats, elapsed) in runs.items():
+                identical &= torch.equal(out, reference[:, : out.shape[1]])
+                key = (domain, *config)
                 tokens[key] += stats["tokens"]
                 steps[key] += stats["steps"]
                 seconds[key] += elapsed
-                # Stock greedy for exactly as many tokens: the same text, or MTP is broken.
-                reference, stock_seconds = _generate(model, ids, True, repeats, max_new_tokens=stats["tokens"],
-                                                     min_new_tokens=0)
-                identical &= torch.equal(out, reference[:, : out.shape[1]])
-                tokens[(domain, "stock")] += stats["tokens"]
-                seconds[(domain, "stock")] += stock_seconds
-    return _summarise(configs, tokens, steps, seconds, sorted({d for d, _ in prompts}), identical, max_steps)
+                tokens[(domain, "stock", config)] += stats["tokens"]
+                seconds[(domain, "stock", config)] += stock_seconds[stats["tokens"] - 1] if stats["tokens"] else 0.0
+            if prompt_lookup:
+                lookup, lookup_seconds = _stock(model, ids, longest, repeats, prompt_lookup_num_tokens=prompt_lookup)
+                identical &= torch.equal(lookup, reference)
+                tokens[(domain, *LOOKUP)] += longest
+                seconds[(domain, *LOOKUP)] += lookup_seconds[-1]
+                tokens[(domain, "stock", LOOKUP)] += longest
+                seconds[(domain, "stock", LOOKUP)] += stock_seconds[-1]
+    return _summarise(configs, tokens, steps, seconds, sorted({d for d, _ in prompts}), identical, max_steps,
+                      prompt_lookup)
 
 
-def _summarise(configs, tokens, steps, seconds, domains, identical, max_steps) -> dict:
-    def total(counter, domain, *config):  # domain None: every domain together
-        return sum(value for key, value in counter.items() if key[1:] == config and domain in (None, key[0]))
+def public_prompts(_name: str = "public", per_domain: int | None = None) -> list[tuple[str, object]]:
+    """(domain, chat messages) from the public prompt sets (HumanEval, held-out ShareGPT chat and math)."""
+    from mtp_model.prompts import evaluation_sets
+
+    return [(domain, [{"role": "user", "content": p["prompt"]}])
+            for domain, chosen in evaluation_sets().items() for p in chosen[:per_domain]]
+
+
+def _mask_list(text: str) -> list[int]:
+    try:
+        masks = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if masks[0] < 1:
+        raise argparse.ArgumentTypeError("numbers of masks must be >= 1")
+    return masks
+
+
+def _mode_list(text: str) -> tuple[str, ...]:
+    modes = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
+    if not modes or set(modes) - set(MODES):
+        raise argparse.ArgumentTypeError(f"{text!r}: modes are {', '.join(MODES)}")
+    return modes
+
+
+def _summarise(configs, tokens, steps, seconds, domains, identical, max_steps, prompt_lookup) -> dict:
+    def total(counter, domain, *key):  # domain None: every domain together
+        return sum(value for k, value in counter.items() if k[1:] == key and domain in (None, k[0]))
+
+    def speedup(domain, key):  # tokens/s, and the ratio to stock greedy's time for exactly the same tokens
+        elapsed = max(total(seconds, domain, *key), 1e-9)
+        return total(tokens, domain, *key) / elapsed, total(seconds, domain, "stock", key) / elapsed
 
     def summary(domain):
-        stock_speed = total(tokens, domain, "stock") / max(total(seconds, domain, "stock"), 1e-9)
         rows = []
         for config in configs:
-            speed = total(tokens, domain, *config) / max(total(seconds, domain, *config), 1e-9)
+            speed, ratio = speedup(domain, config)
             rows.append({"num_masks": config[0], "decoding": config[1], "sampler": config[2],
                          "tokens_per_step": round(total(tokens, domain, *config) / max(total(steps, domain, *config), 1), 3),
-                         "tokens_per_second": round(speed, 1), "speedup": round(speed / stock_speed, 3)})
-        return {"stock_tokens_per_second": round(stock_speed, 1), "runs": rows,
-                "fastest": max(rows, key=lambda r: r["tokens_per_second"])}
+                         "tokens_per_second": round(speed, 1), "speedup": round(ratio, 3)})
+        stock_tokens = sum(total(tokens, domain, "stock", config) for config in configs)
+        stock_seconds = sum(total(seconds, domain, "stock", config) for config in configs)
+        result = {"stock_tokens_per_second": round(stock_tokens / max(stock_seconds, 1e-9), 1), "runs": rows,
+                  "fastest": max(rows, key=lambda r: r["speedup"])}
+        if prompt_lookup:
+            speed, ratio = speedup(domain, LOOKUP)
+            result["prompt_lookup"] = {"num_tokens": prompt_lookup, "tokens_per_second": round(speed, 1),
+                                       "speedup": round(ratio, 3)}
+        return result
 
     return {"max_steps": max_steps, "identical_to_stock_greedy": identical,
             "domains": {domain: summary(domain) for domain in domains}, "overall": summary(None)}
@@ -133,8 +217,9 @@ def format_table(results: dict) -> str:
     for domain, result in results["domains"].items():
         runs = result["runs"]
         lines.append(f"{domain}: tokens per step by number of masks (with the sampler), and speed-up over stock greedy")
-        lines.append("  masks             " + " ".join(f"{r['num_masks']:>6}" for r in _sweep(runs, MODES[0])))
-        for mode in MODES:
+        modes = list(dict.fromkeys(r["decoding"] for r in runs))
+        lines.append("  masks             " + " ".join(f"{r['num_masks']:>6}" for r in _sweep(runs, modes[0])))
+        for mode in modes:
             sweep = _sweep(runs, mode)
             lines.append(f"  {mode:<9} tok/st  " + " ".join(f"{r['tokens_per_step']:>6.2f}" for r in sweep))
             lines.append(f"  {'':<9} speed-up" + " ".join(f"{'x' + format(r['speedup'], '.2f'):>6}" for r in sweep))
@@ -144,6 +229,9 @@ def format_table(results: dict) -> str:
         fastest = result["fastest"]
         lines.append(f"  stock greedy {result['stock_tokens_per_second']:.1f} tokens/s; fastest here: "
                      f"{_describe(fastest)}, x{fastest['speedup']:.2f}")
+        if "prompt_lookup" in result:
+            lookup = result["prompt_lookup"]
+            lines.append(f"  prompt-lookup decoding ({lookup['num_tokens']} tokens): x{lookup['speedup']:.2f}")
     fastest = results["overall"]["fastest"]
     lines.append(f"all domains: fastest here {_describe(fastest)}, {fastest['tokens_per_step']:.2f} tokens/step, "
                  f"x{fastest['speedup']:.2f} vs stock greedy")
@@ -195,7 +283,14 @@ def eval_main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=model_dir, help="directory of the base model")
     parser.add_argument("--adapter", required=True, help="directory of its MTP adapter")
-    parser.add_argument("--prompts", required=True, help="JSONL with 'prompt' (or 'messages') and 'domain'")
+    parser.add_argument("--prompts", required=True,
+                        help="JSONL with 'prompt' (or 'messages') and 'domain', or 'public': HumanEval, held-out "
+                             "ShareGPT chat and calculation requests (mtp_model.prompts)")
+    parser.add_argument("--masks", type=_mask_list, default=None,
+                        help="numbers of masks to sweep, e.g. 1,2,4,8 (default: 1..k)")
+    parser.add_argument("--modes", type=_mode_list, default=MODES, help="decoding modes, e.g. quadratic,linear")
+    parser.add_argument("--prompt-lookup", type=bounded(int, 0), default=10,
+                        help="draft tokens of the prompt-lookup baseline (0: skip it)")
     parser.add_argument("--out", default="mtp_eval.json")
     parser.add_argument("--chart", default=None, help="PNG path (default: next to --out)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -212,10 +307,13 @@ def eval_main(argv: list[str] | None = None) -> int:
                         help="make the fastest configuration over all domains (with the sampler) the adapter's "
                              "generate default")
     args = parser.parse_args(argv)
-    prompts = read_or_exit(parser, read_prompts, args.prompts, args.per_domain)[: args.limit]
+    read = public_prompts if args.prompts == "public" else read_prompts
+    prompts = read_or_exit(parser, read, args.prompts, args.per_domain)[: args.limit]
     if not prompts:
         parser.error(f"{args.prompts}: no prompts")
-    read_or_exit(parser, load_config, args.adapter)
+    k = read_or_exit(parser, load_config, args.adapter).num_masks
+    if args.masks is not None and max(args.masks) > k:
+        parser.error(f"argument --masks: the adapter has {k} masks")
     try:
         device = torch.device(args.device)
     except RuntimeError as error:
@@ -230,13 +328,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     dtype = args.dtype or ("float32" if device.type == "cpu" else "auto")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     model = mtp_model.patch(model.to(device).eval(), adapter=args.adapter)
-    results = evaluate(model, tokenizer, prompts, max_steps=args.max_steps, repeats=args.repeats)
+    results = evaluate(model, tokenizer, prompts, max_steps=args.max_steps, repeats=args.repeats,
+                       configs=sweep_configs(k, args.masks, args.modes), prompt_lookup=args.prompt_lookup or None)
     print(format_table(results))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     chart = Path(args.chart or Path(args.out).with_suffix(".png"))
     print(f"results: {args.out}" + (f", chart: {chart}" if draw_chart(results, chart) else " (no matplotlib: no chart)"))
     if args.save_fastest and results["identical_to_stock_greedy"]:
-        best = max((r for r in results["overall"]["runs"] if r["sampler"]), key=lambda r: r["tokens_per_second"])
+        best = max((r for r in results["overall"]["runs"] if r["sampler"]), key=lambda r: r["speedup"])
         mtp_model.set_generation_defaults(args.adapter, best["num_masks"], best["decoding"])
         print(f"{args.adapter}: generate now defaults to {best['num_masks']} masks, {best['decoding']}")
     return 0 if results["identical_to_stock_greedy"] else 1

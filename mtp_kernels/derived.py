@@ -43,7 +43,9 @@ def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], ob
         for source in sources:
             _remember(source)
         references = [weakref.ref(source, lambda _, key=key: _cache.pop(key, None)) for source in sources]
-        with torch.no_grad():
+        # Outside inference mode even when the caller is in it: a value may be the source of another (the
+        # draft head's packed copy), and inference tensors have no version counter to key on.
+        with torch.inference_mode(False), torch.no_grad():
             entry = (references, state, {id(source) for source in sources}, build())
         _cache[key] = entry
     return entry[3]

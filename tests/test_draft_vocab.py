@@ -95,3 +95,12 @@ def test_most_frequent_tokens_counts_responses_only():
     assert most_frequent_tokens(examples, 5, 12).tolist() == [0, 1, 3, 7, 9]  # ties: the smaller ids
     with pytest.raises(ValueError, match="does not fit"):
         most_frequent_tokens(examples, 13, 12)
+
+
+def test_a_draft_vocabulary_works_under_inference_mode():
+    model = patched(30)
+    ids, mask = left_padded_prompts([4], model.config.vocab_size, seed=5)
+    with torch.inference_mode():
+        stock = type(model).generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        for _ in range(2):  # the second call finds the draft head built by the first
+            assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10), stock)

@@ -69,6 +69,15 @@ def triton_can_drive_cuda() -> bool:
         return False
 
 
+def eager(tensor: torch.Tensor) -> bool:
+    """Whether a public op may run its implementation directly instead of through `torch.ops.mtp_kernels`:
+    `tensor` is a plain tensor in plain eager mode (not compiling or tracing, no torch function or dispatch
+    mode active). The implementation is the function the op runs, so the result is the same; going around
+    the dispatcher saves its per-call cost, which a CPU decoding step of a few milliseconds would feel."""
+    return (type(tensor) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0)
+
+
 @functools.lru_cache(maxsize=None)
 def warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -249,4 +249,8 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, gate):
 def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, gate):
     """`F.linear(x, weight, bias)`, plus `scaling * (x A^T) B^T` on the rows of x whose gate is set."""
     _check_inputs(x, weight, bias, lora_a, lora_b, gate)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
+    if not needs_grad and backend.eager(x):
+        return _forward(x, weight, bias, lora_a, lora_b, float(scaling), gate)
     return torch.ops.mtp_kernels.gated_lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), gate)

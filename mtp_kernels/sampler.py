@@ -447,7 +447,10 @@ def head_logits(hidden, weight):
 
 def choose_tokens(hidden, weight, params: SamplingParams = SamplingParams(), noise=None):
     _check_choice_inputs(hidden, weight, params, noise)
-    return torch.ops.mtp_kernels.choose_tokens(hidden, weight, *_sampling(params), None if params.greedy else noise)
+    noise = None if params.greedy else noise
+    if backend.eager(hidden):
+        return _choose(hidden, weight, *_sampling(params), noise, _packs(hidden, weight))
+    return torch.ops.mtp_kernels.choose_tokens(hidden, weight, *_sampling(params), noise)
 
 
 def _sampling(params: SamplingParams):
@@ -479,9 +482,12 @@ def draft_chain(sampler: SamplerWeights, embed_weight, lm_weight, first_tokens, 
         raise ValueError(f"the sampler's input layer takes {sampler.input_weight.shape[1]} features; it needs "
                          f"[embedding; latent] = {embed_weight.shape[1]} + {d}")
     _check_choice_inputs(latents[:, 0], lm_weight, params, None if noise is None else noise[:, 0])
+    noise = None if params.greedy else noise
+    if backend.eager(latents):
+        return _draft_chain(first_tokens, latents, embed_weight, lm_weight, sampler, *_sampling(params), noise,
+                            draft_tokens)
     return torch.ops.mtp_kernels.draft_chain(first_tokens, latents, embed_weight, lm_weight, list(sampler[:-1]),
-                                             float(sampler.eps), *_sampling(params),
-                                             None if params.greedy else noise, draft_tokens)
+                                             float(sampler.eps), *_sampling(params), noise, draft_tokens)
 
 
 def _check_drafts(drafts, k_plus_one, what):
@@ -495,6 +501,8 @@ def accept_greedy(drafts, targets):
     _check_drafts(drafts, targets.shape[1], "targets")
     if drafts.shape[0] != targets.shape[0]:
         raise ValueError(f"drafts has {drafts.shape[0]} rows but targets has {targets.shape[0]}")
+    if backend.eager(drafts):
+        return reference.accept_greedy(drafts, targets)
     return torch.ops.mtp_kernels.accept_greedy(drafts, targets)
 
 
@@ -509,4 +517,6 @@ def accept_sampling(logits, drafts, params: SamplingParams, uniform, noise):
             f"shapes disagree: logits {tuple(logits.shape)}, drafts {tuple(drafts.shape)} (want [{B}, {K1 - 1}]), "
             f"uniform {tuple(uniform.shape)} (want [{B}, {K1 - 1}]), noise {tuple(noise.shape)} (want [{B}, {K1}, {V}])"
         )
+    if backend.eager(logits):
+        return reference.accept_sampling(logits, drafts, uniform, noise, *_sampling(params))
     return torch.ops.mtp_kernels.accept_sampling(logits, drafts, uniform, noise, *_sampling(params))

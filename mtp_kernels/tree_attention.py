@@ -338,4 +338,6 @@ def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
     """Attention of q's T new queries over each row's cached prefix plus the block (see the module docstring)."""
     _check_inputs(q, k, v, lengths, block_mask, starts)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend.eager(q):
+        return _attention(q, k, v, lengths, block_mask, scale, starts)
     return torch.ops.mtp_kernels.tree_attention(q, k, v, lengths, block_mask, scale, starts)

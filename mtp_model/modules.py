@@ -45,8 +45,11 @@ class GateContext:
 
     def set(self, gate: torch.Tensor | None, prepacked: bool = False) -> None:
         # A gate with no mask token is the same as no gate; skipping LoRA then keeps the base path exact
-        # and free.
-        self.gate = gate if gate is not None and bool(gate.any()) else None
+        # and free. A compiled graph cannot branch on the gate's values: it keeps the gate as given, and
+        # its LoRA adds exact zeros to ungated rows (finite adapters are checked at load).
+        if gate is not None and not torch.compiler.is_compiling() and not bool(gate.any()):
+            gate = None
+        self.gate = gate
         self.prepacked = prepacked
         self.gated_from = _suffix_start(self.gate) if prepacked and self.gate is not None else None
 

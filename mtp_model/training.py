@@ -26,6 +26,8 @@ TrainingArguments flag there), which recomputes layers under the gate they first
 from __future__ import annotations
 
 import contextlib
+import resource
+import time
 from dataclasses import dataclass
 
 import torch
@@ -262,7 +264,8 @@ class MTPTrainer(Trainer):
     Pass a model patched with `mtp_model.patch` and an `MTPDataCollator`; `TrainingArguments` must keep
     `remove_unused_columns=False` (the collator needs `loss_mask`). Every checkpoint directory also holds
     the adapter (`adapter_config.json`, `adapter_model.safetensors`), loadable by
-    `mtp_model.patch(model, adapter=...)`.
+    `mtp_model.patch(model, adapter=...)`. Logs add each loss term, the layout tokens per second since the
+    last log and the process's peak resident memory so far (what a layout and batch size cost).
     """
 
     def __init__(self, *args, loss_weights: LossWeights | None = None, **kwargs):
@@ -278,18 +281,24 @@ class MTPTrainer(Trainer):
         self.loss_weights = loss_weights or LossWeights()
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
+        self._layout_tokens = 0
+        self._since = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, terms = model(mtp_batch=inputs, loss_weights=self.loss_weights)  # through DDP / FSDP wrappers
         for name, value in terms.items():
             self._term_sums[name] = self._term_sums.get(name, 0.0) + value
         self._term_count += 1
+        self._layout_tokens += int(inputs["valid"].sum())
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs):
         if self._term_count and "loss" in logs:
             logs.update({name: total / self._term_count for name, total in self._term_sums.items()})
-            self._term_sums, self._term_count = {}, 0
+            now = time.perf_counter()
+            logs["layout_tokens_per_second"] = round(self._layout_tokens / max(now - self._since, 1e-9), 1)
+            logs["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            self._term_sums, self._term_count, self._layout_tokens, self._since = {}, 0, 0, now
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None):

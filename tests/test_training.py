@@ -139,7 +139,8 @@ def test_loss_falls_and_logs_each_term(tmp_path):
     assert sum(after[t] for t in trained) < 0.85 * sum(before[t] for t in trained)
     assert after["loss_base"] < before["loss_base"]
     logged = [entry for entry in trainer.state.log_history if "loss_sampler" in entry]
-    assert logged and {"loss_base", "loss_consistency"} <= set(logged[0])
+    assert logged and {"loss_base", "loss_consistency", "layout_tokens_per_second", "peak_rss_gib"} <= set(logged[0])
+    assert logged[0]["layout_tokens_per_second"] > 0 and logged[0]["peak_rss_gib"] > 0
 
 
 def test_checkpoint_holds_a_loadable_adapter(tmp_path):

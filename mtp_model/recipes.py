@@ -43,7 +43,7 @@ RECIPES = {
         distill_batch=32,
         train_args=("--num-masks", "8", "--rank", "16", "--alpha", "32", "--lr", "1e-3", "--warmup-steps", "10",
                     "--batch", "4", "--max-length", "448", "--anchor-fraction", "0.5", "--regular-weight", "0",
-                    "--draft-vocab", "8192", "--steps", "120", "--save-steps", "10"),
+                    "--draft-vocab", "16384", "--steps", "120", "--save-steps", "10"),
     ),
 }
 

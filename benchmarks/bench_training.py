@@ -14,7 +14,7 @@ from common import DEVICE, DTYPE, ON_GPU, run
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mtp_model
-from mtp_model.patch import embed_tokens
+from mtp_model.model_helpers import embed_tokens
 from mtp_model.layout import training_attention_mask
 from mtp_model.training import IGNORE_INDEX, MTPDataCollator, mtp_loss
 

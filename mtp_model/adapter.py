@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtp_model.config import MTPConfig
+from mtp_model.model_helpers import describe_model
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -114,7 +115,6 @@ def set_generation_defaults(path: str | Path, num_masks: int, decoding: str) -> 
 
 def check_fits(config: MTPConfig, model) -> None:
     """Refuses an adapter trained for a model that differs from `model` in what the adapter depends on."""
-    from mtp_model.patch import describe_model
 
     expected, actual = config.base_model, describe_model(model)
     differences = [

@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtp_model.model_helpers import SUPPORTED_FAMILIES
+
 # GGUF architecture names -> transformers model_type.
 _GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}
 
@@ -64,8 +66,6 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     `out_dir` appears complete or not at all."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mtp_model.patch import SUPPORTED_FAMILIES
 
     gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
     architecture = gguf_architecture(gguf_path)

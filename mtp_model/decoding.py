@@ -50,7 +50,7 @@ from mtp_model import adapter as adapter_io
 from mtp_model.attention import MTPCache
 from mtp_model.config import DECODING_MODES, check_int
 from mtp_model.layout import step_layout
-from mtp_model.patch import embed_tokens, gate_context, sliding_window
+from mtp_model.model_helpers import embed_tokens, gate_context, sliding_window
 from mtp_model.step_forward import StepForward
 
 # GenerationConfig fields MTP decoding implements with stock generation's meaning (docs/generate_contract.md).

@@ -65,7 +65,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     import mtp_model
     from mtp_model.data import most_frequent_tokens, read_jsonl, self_distill, tokenize_pairs
-    from mtp_model.patch import sliding_window
+    from mtp_model.model_helpers import sliding_window
     from mtp_model.training import LossWeights, MTPDataCollator, MTPTrainer, enable_gradient_checkpointing
 
     parser = build_parser()

@@ -37,7 +37,7 @@ from mtp_kernels.linear_cross_entropy import linear_cross_entropy
 from mtp_model.adapter import save_adapter
 from mtp_model.attention import PREFIX
 from mtp_model.layout import training_layout
-from mtp_model.patch import embed_tokens, gate_context, sliding_window
+from mtp_model.model_helpers import embed_tokens, gate_context, sliding_window
 from mtp_model.training_attention import TrainingGrid
 
 IGNORE_INDEX = -100

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import mtp_model
 from mtp_model import decoding
-from mtp_model.patch import sliding_window
+from mtp_model.model_helpers import sliding_window
 
 
 def generated_count(continuations):

@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import mtp_model
 from mtp_model.modules import GatedLoRALinear
-from mtp_model.patch import embed_tokens, gate_context, mask_token_ids
+from mtp_model.model_helpers import embed_tokens, gate_context, mask_token_ids
 
 
 def _state(model):

@@ -12,7 +12,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 import mtp_model
 from mtp_model.layout import training_attention_mask, training_layout
-from mtp_model.patch import embed_tokens, gate_context
+from mtp_model.model_helpers import embed_tokens, gate_context
 from mtp_model.training import (
     IGNORE_INDEX,
     attention_inputs,

@@ -1,0 +1,67 @@
+"""What patch, decoding, training and the adapter format share about a (patched) model: the supported
+families, the facts an adapter must match, the sliding window, and the mask-token inputs and gate of a
+forward. A leaf module: it imports nothing of the package, so nothing here forms an import cycle.
+
+Mask tokens live outside the model's vocabulary: in the id tensors this package builds, mask i is
+`vocab_size + i`. `embed_tokens` embeds such ids; the gate of a forward is `ids >= vocab_size`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def describe_model(model) -> dict:
+    """The facts an adapter must agree with to fit a model."""
+    config = model.config
+    return {
+        "model_type": config.model_type,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "vocab_size": config.vocab_size,
+        "name_or_path": getattr(config, "_name_or_path", "") or "",
+    }
+
+
+def sliding_window(model) -> int | None:
+    """The narrowest sliding attention window among the model's layers, None if every layer sees the whole
+    sequence. Qwen2 and Qwen3 attention modules carry their layer's window (None on full-attention layers);
+    Mistral's read the config's."""
+    windows = []
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        window = attention.sliding_window if hasattr(attention, "sliding_window") else getattr(
+            model.config, "sliding_window", None)
+        if window:
+            windows.append(int(window))
+    return min(windows, default=None)
+
+
+def mask_token_ids(model, num_masks: int | None = None) -> list[int]:
+    count = model.mtp_config.num_masks if num_masks is None else num_masks
+    return [model.config.vocab_size + i for i in range(count)]
+
+
+def embed_tokens(model, ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] ids (mask i = vocab_size + i) -> [B, S, d] input embeddings."""
+    vocab_size = model.config.vocab_size
+    is_mask = ids >= vocab_size
+    regular = model.get_input_embeddings()(ids.masked_fill(is_mask, 0))
+    masks = model.mtp.mask_embeddings[(ids - vocab_size).clamp(0, model.mtp.num_masks - 1)]
+    return torch.where(is_mask[..., None], masks.to(regular.dtype), regular)
+
+
+@contextlib.contextmanager
+def gate_context(model, gate: torch.Tensor | None, prepacked: bool = False):
+    """Sets the gated-LoRA gate ([B, S] bool, True on mask tokens) for the forwards inside the block;
+    `prepacked` runs their base products on oneDNN's prepacked weights: inference only, for fp32 CPU
+    models where `mtp_kernels.cpu_linear.packing_applies`."""
+    model.mtp_gate.set(gate, prepacked)
+    try:
+        yield
+    finally:
+        model.mtp_gate.set(None)

@@ -7,6 +7,7 @@ Every rank builds the same tiny patched model, MTPTrainer trains it for a few st
 OUT/rank{R}.safetensors (rank 0 also writes OUT/initial.safetensors, before training).
 """
 
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def trainable(model):
 
 
 def main(out: Path):
+    faulthandler.dump_traceback_later(150)  # a hang prints every thread's stack (the test reports them)
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     model = randomize_adapter(mtp_model.patch(tiny_model(seed=3, vocab_size=40),

@@ -1,0 +1,47 @@
+"""The adapter recipe's pieces on a tiny model: resumable self-distillation to a file, and the training file
+made of exactly the recipe's prompts."""
+
+import json
+
+import pytest
+from helpers import tiny_model
+from test_train_cli import WORDS, tiny_tokenizer, write_jsonl
+
+from mtp_model import data, recipes
+
+
+def prompt_records(count):
+    return [{"id": f"p{i}", "messages": [{"role": "user", "content": f"w{3 + i} w{4 + i}"}]} for i in range(count)]
+
+
+def test_distillation_resumes_where_it_stopped(tmp_path, monkeypatch):
+    model, tokenizer = tiny_model(vocab_size=len(WORDS)), tiny_tokenizer()
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(5))
+    out = tmp_path / "distilled.jsonl"
+    calls = []
+    distill = data.self_distill
+    monkeypatch.setattr(data, "self_distill", lambda *a, **k: calls.append(len(a[2])) or distill(*a, **k))
+    data.distill_jsonl(model, tokenizer, prompts, out, max_new_tokens=4, batch_size=2, chunk=2)
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in first) == [f"p{i}" for i in range(5)] and calls == [2, 2, 1]
+    assert all(r["messages"][-1]["role"] == "assistant" and isinstance(r["stopped"], bool) for r in first)
+    # An interrupted run: the last chunk's records are lost; a rerun makes only those.
+    out.write_text("".join(line + "\n" for line in out.read_text().splitlines()[:3]))
+    calls.clear()
+    data.distill_jsonl(model, tokenizer, prompts, out, max_new_tokens=4, batch_size=2, chunk=2)
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert calls == [2] and sorted(r["id"] for r in again) == sorted(r["id"] for r in first)
+    assert {r["id"]: r for r in again} == {r["id"]: r for r in first}  # greedy: the same replies
+
+
+def test_the_training_file_holds_exactly_the_recipes_prompts(tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(3))
+    replies = [{"id": f"p{i}", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                "stopped": True} for i in (2, 9, 0, 1)]  # p9: a prompt an older list had
+    distilled = write_jsonl(tmp_path / "distilled.jsonl", replies)
+    out = recipes._training_file(prompts, distilled, tmp_path / "train.jsonl")
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["p0", "p1", "p2"]
+    assert [len(pair) for pair in data.read_jsonl(out)] == [3, 3, 3]  # (prompt, response, stopped)
+    write_jsonl(distilled, replies[:2])
+    with pytest.raises(RuntimeError, match="2 prompts of .* have no distilled reply yet"):
+        recipes._training_file(prompts, distilled, tmp_path / "train.jsonl")

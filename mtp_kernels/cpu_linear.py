@@ -16,8 +16,9 @@ rebuilt when the weight changes (in-place updates bump its version; `.to()` give
 `prepacked_linear` is plain `F.linear` where packing does not apply: autograd on, a dtype other than
 fp32, a non-CPU tensor, `MTP_KERNELS=reference`, oneDNN disabled (`torch.backends.mkldnn.flags`) or
 missing from this torch build (one warning). Decoding asks `packing_applies` once per generate call and
-then calls `linear_on_packed`, which checks nothing, in each of its projections; its LM-head products go
-through `choose_tokens(..., prepacked=True)` (the 4096 x 256 head over 2-9 rows: about half MKL's time).
+then calls `linear_on_packed`, which checks nothing, in each of its projections; the sampler ops choose
+on the packed LM head themselves wherever packing applies (the 4096 x 256 head over 2-9 rows: about half
+MKL's time).
 
 `gated_lora_on_packed(x, weight, bias, lora_a, lora_b, scaling, gated_from)`: the LoRA term added to the
 tokens from `gated_from` on (a step's mask tokens, which the step layout puts last) by one product against

@@ -14,6 +14,10 @@ Forward, with no host sync:
 Programs whose slots lie past the gated count read only -1 and return at once: the cost follows the gated count.
 
 Backward: torch matmuls with the gate as a row mask (training layouts gate most rows anyway).
+
+The torch custom op `mtp_kernels::gated_lora_linear` (fake implementation and autograd registered) runs
+this on CUDA tensors, and on CPU tensors the torch reference (`reference.gated_lora_linear`) or, with
+`MTP_KERNELS=interpret`, these kernels in Triton's interpreter. Benchmark: `benchmarks/bench_gated_lora.py`.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ flash-decoding: each writes its unnormalised (max, sum, accumulator) and a secon
 CPU (outside the interpreter): torch's SDPA over the live slots with a materialised [B, T, S] mask, built
 once per forward and shared by its layers (`visibility_mask`, which a caller running SDPA itself can use);
 `reference.tree_attention` stays the definition the tests hold both paths to.
+
+Both run inside the torch custom op `mtp_kernels::tree_attention` (fake implementation registered; not
+differentiable). The public function checks shapes and dtypes, and in eager on the CPU that the lengths
+fit the cache. Benchmark: `benchmarks/bench_tree_attention.py`.
 """
 
 from __future__ import annotations

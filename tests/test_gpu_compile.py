@@ -1,9 +1,11 @@
 """Every Triton launch the ops make on an H100 compiles for it, on any machine.
 
-Triton ships ptxas, so compiling to a cubin needs no GPU. The public ops run on fake CUDA tensors
-(FakeTensorMode: shapes, dtypes and strides, no memory), so their own GPU launch planning (block sizes,
-splits, upcasting) picks the configurations; each launch is recorded instead of run, then compiled for
-sm_90. This checks what the interpreter cannot: the compiled path's types, layouts and resource limits.
+Triton ships ptxas, so compiling to a cubin needs no GPU. The ops' implementations (what each custom op
+runs on a CUDA tensor) run on fake CUDA tensors (FakeTensorMode: shapes, dtypes and strides, no memory),
+so their own GPU launch planning (block sizes, splits, upcasting) picks the configurations; each launch is
+recorded instead of run, then compiled for sm_90. This checks what the interpreter cannot: the compiled
+path's types, layouts and resource limits. (Through `torch.ops`, fake tensors would reach the ops' fake
+implementations, which launch nothing.)
 """
 
 import importlib
@@ -12,9 +14,10 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import mtp_kernels
 from mtp_kernels import backend
-from mtp_kernels.sampler import SamplingParams, _top_k_candidates
+from mtp_kernels.gated_lora import _forward as gated_lora_forward
+from mtp_kernels.sampler import _choose, _top_k_candidates
+from mtp_kernels.tree_attention import _attention as tree_attention
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -92,8 +95,8 @@ def cuda(*shape, dtype=torch.float32):
 )
 def test_tree_attention_compiles(recorded_launches, dtype, B, Hq, Hkv, T, D, S):
     lengths = cuda(B, dtype=torch.int64)
-    mtp_kernels.tree_attention(cuda(B, Hq, T, D, dtype=dtype), cuda(B, Hkv, S, D, dtype=dtype),
-                               cuda(B, Hkv, S, D, dtype=dtype), lengths, cuda(T, T, dtype=torch.bool), None, lengths)
+    tree_attention(cuda(B, Hq, T, D, dtype=dtype), cuda(B, Hkv, S, D, dtype=dtype), cuda(B, Hkv, S, D, dtype=dtype),
+                   lengths, cuda(T, T, dtype=torch.bool), D**-0.5, lengths)
     compile_all(recorded_launches)
     if T == 1 and S == 32768:  # decoding at batch 1 on a long cache takes the split path
         assert len(recorded_launches) == 2
@@ -105,9 +108,9 @@ def test_tree_attention_compiles(recorded_launches, dtype, B, Hq, Hkv, T, D, S):
      (torch.float64, 33, 512, 512, 8)],
 )
 def test_gated_lora_compiles(recorded_launches, dtype, rows, in_features, out_features, rank):
-    mtp_kernels.gated_lora_linear(cuda(rows, in_features, dtype=dtype), cuda(out_features, in_features, dtype=dtype),
-                                  None, cuda(rank, in_features, dtype=dtype), cuda(out_features, rank, dtype=dtype),
-                                  2.0, cuda(rows, dtype=torch.bool))
+    gated_lora_forward(cuda(rows, in_features, dtype=dtype), cuda(out_features, in_features, dtype=dtype), None,
+                       cuda(rank, in_features, dtype=dtype), cuda(out_features, rank, dtype=dtype), 2.0,
+                       cuda(rows, dtype=torch.bool))
     compile_all(recorded_launches)
 
 
@@ -117,9 +120,9 @@ def test_gated_lora_compiles(recorded_launches, dtype, rows, in_features, out_fe
 )
 def test_sampler_compiles(recorded_launches, dtype, rows, sample):
     vocab, hidden = 32000, 4096
-    params = SamplingParams(temperature=0.7) if sample else SamplingParams()
     noise = cuda(rows, vocab) if sample else None
-    mtp_kernels.choose_tokens(cuda(rows, hidden, dtype=dtype), cuda(vocab, hidden, dtype=dtype), params, noise)
+    _choose(cuda(rows, hidden, dtype=dtype), cuda(vocab, hidden, dtype=dtype), 0.7 if sample else 0.0, None, None,
+            noise, False)
     compile_all(recorded_launches)
 
 

@@ -26,6 +26,7 @@ TrainingArguments flag there), which recomputes layers under the gate they first
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import torch
 from transformers import Trainer
 
 from mtp_kernels.linear_cross_entropy import linear_cross_entropy
-from mtp_model.adapter import save_adapter
+from mtp_model.adapter import load_weights, save_adapter
 from mtp_model.attention import PREFIX
 from mtp_model.layout import training_layout
 from mtp_model.model_helpers import embed_tokens, gate_context, sliding_window
@@ -262,9 +263,10 @@ class MTPTrainer(Trainer):
     """`transformers.Trainer` with the MTP loss, per-term logging and adapter checkpoints.
 
     Pass a model patched with `mtp_model.patch` and an `MTPDataCollator`; `TrainingArguments` must keep
-    `remove_unused_columns=False` (the collator needs `loss_mask`). Every checkpoint directory also holds
-    the adapter (`adapter_config.json`, `adapter_model.safetensors`), loadable by
-    `mtp_model.patch(model, adapter=...)`. Logs add each loss term, the layout tokens per second since the
+    `remove_unused_columns=False` (the collator needs `loss_mask`). A checkpoint directory holds the
+    adapter (`adapter_config.json`, `adapter_model.safetensors`, loadable by `mtp_model.patch(model,
+    adapter=...)`) with the Trainer's optimizer and scheduler state, not the frozen base model; resuming
+    loads the adapter back. Logs add each loss term, the layout tokens per second since the
     last log and the process's peak resident memory so far (what a layout and batch size cost).
     """
 
@@ -302,6 +304,12 @@ class MTPTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        super()._save(output_dir, state_dict)
+        # Checkpoints and save_model hold the adapter and the training arguments, not the frozen base model
+        # (which patch never changes): megabytes instead of the whole model at every checkpoint.
+        output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            save_adapter(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+            save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
+        load_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)

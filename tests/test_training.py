@@ -150,6 +150,29 @@ def test_checkpoint_holds_a_loadable_adapter(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     fresh = mtp_model.patch(tiny_model(seed=4, vocab_size=40), adapter=tmp_path / "final")
     assert torch.equal(fresh.mtp.sampler.mlp[0].weight, model.mtp.sampler.mlp[0].weight)
+    assert not (tmp_path / "final" / "model.safetensors").exists()  # the frozen base is not the trainer's to save
+
+
+def test_resuming_continues_from_the_checkpoints_adapter(tmp_path):
+    examples = counting_examples(32, 40, seed=6)
+    straight = mtp_model.patch(tiny_model(seed=6, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+    _train(straight, examples, tmp_path / "straight", steps=4, lr_scheduler_type="constant")
+    first = mtp_model.patch(tiny_model(seed=6, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+    _train(first, examples, tmp_path / "resumed", steps=2, save_strategy="steps", save_steps=2,
+           lr_scheduler_type="constant")
+    checkpoint = tmp_path / "resumed" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    # A fresh process: a new model whose adapter differs until the checkpoint is loaded into it.
+    second = mtp_model.patch(tiny_model(seed=6, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+    torch.nn.init.normal_(second.mtp.sampler.mlp[0].weight)
+    args = TrainingArguments(output_dir=str(tmp_path / "resumed"), max_steps=4, per_device_train_batch_size=8,
+                             learning_rate=5e-3, save_strategy="no", report_to=[], use_cpu=True,
+                             remove_unused_columns=False, disable_tqdm=True, seed=0, lr_scheduler_type="constant")
+    MTPTrainer(model=second, args=args, train_dataset=examples,
+               data_collator=MTPDataCollator(2, 40)).train(resume_from_checkpoint=str(checkpoint))
+    for (name, want), got in zip(straight.named_parameters(), second.parameters()):
+        if want.requires_grad:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow

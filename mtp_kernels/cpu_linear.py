@@ -47,6 +47,9 @@ from mtp_kernels.derived import derived
 # bytes, and twice the width would cost twice as much).
 MERGED_LORA_MAX_ROWS = 32
 MERGED_LORA_MAX_WEIGHT = 1 << 20
+# ... and only for models whose gated weights, doubled, stay near the last-level cache (32 MB of fp32): a
+# model that streams its weights from memory pays the doubled width in full at every step.
+MERGED_LORA_MAX_MODEL = 1 << 23
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,6 +94,11 @@ def linear_on_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """`prepacked_linear` without its checks, for a caller that made them once for many products (a
     decoding forward: no autograd, fp32 CPU tensors, `packing_applies`)."""
     return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight), bias, "none", [], "")
+
+
+def merged_lora_fits(model_weight_elements: int) -> bool:
+    """Whether a model whose gated linears hold this many weight elements in all may use merged products."""
+    return 2 * model_weight_elements <= MERGED_LORA_MAX_MODEL
 
 
 def merged_lora_applies(rows: int, weight_elements: int) -> bool:

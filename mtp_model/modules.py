@@ -41,6 +41,7 @@ class GateContext:
         self.gate: torch.Tensor | None = None
         self.prepacked = False
         self.gated_from: int | None = None  # s when every row's gate is the same suffix [s, T) (prepacked only)
+        self.merge_allowed = True  # set by patch: the model is small enough for merged-LoRA products
         self._row_mask: tuple | None = None  # (gate, input dtype, its row mask)
 
     def set(self, gate: torch.Tensor | None, prepacked: bool = False) -> None:
@@ -55,7 +56,7 @@ class GateContext:
 
     def merges_lora(self, rows: int, weight_elements: int) -> bool:
         """Whether a prepacked linear of this forward runs as one product against its LoRA-merged pair."""
-        return self.gated_from is not None and merged_lora_applies(rows, weight_elements)
+        return self.gated_from is not None and self.merge_allowed and merged_lora_applies(rows, weight_elements)
 
     def row_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """`reference.lora_row_mask(gate, dtype)`, converted once per gate instead of once per linear."""

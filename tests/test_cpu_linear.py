@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import mtp_model
-from mtp_model import modules
+from mtp_model import modules, step_forward
 from mtp_kernels import backend, cpu_linear, derived
 from mtp_kernels.cpu_linear import prepacked_linear
-from tests.helpers import tiny_model
+from tests.helpers import randomize_adapter, tiny_model
 
 pytestmark = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN")
 
@@ -214,3 +214,22 @@ def test_a_prepacked_gated_linear_gives_the_gated_lora_whatever_the_gate(gate, s
     lora = linear.scaling * (x.double() @ linear.lora_A.weight.double().t()) @ linear.lora_B.weight.double().t()
     expected = fp64_linear(x, linear.weight, linear.bias) + gate[..., None] * lora
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_model_too_large_for_the_cache_never_merges(monkeypatch):
+    """Merged products double the weights a step reads: only models whose gated weights, doubled, stay
+    near the last-level cache use them (the 4M demo model does, SmolLM2-135M does not)."""
+    merged = []
+    for module, name in ((modules, "gated_lora_on_packed"), (step_forward, "gated_lora_group_on_packed")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, original=original: merged.append(1) or original(*args))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    small = randomize_adapter(mtp_model.patch(tiny_model(), mtp_model.MTPConfig(num_masks=3, lora_rank=4)))
+    small.generate(ids, max_new_tokens=8, decoding="linear")
+    assert small.mtp_gate.merge_allowed and merged  # the spies see merged products where they apply
+    merged.clear()
+    monkeypatch.setattr(cpu_linear, "MERGED_LORA_MAX_MODEL", 1000)
+    large = randomize_adapter(mtp_model.patch(tiny_model(), mtp_model.MTPConfig(num_masks=3, lora_rank=4)))
+    assert not large.mtp_gate.merge_allowed
+    stock = type(large).generate(large, ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(large.generate(ids, max_new_tokens=8, decoding="linear"), stock) and not merged

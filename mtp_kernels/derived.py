@@ -53,7 +53,9 @@ def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], ob
 
 def refresh() -> None:
     """Drops every value built from a source whose contents have changed since (see the module docstring)."""
-    for source_id, (reference, copy) in list(_copies.items()):
+    # dict.copy() takes its snapshot in C, where no garbage collection (whose weak-reference callbacks pop
+    # entries) can run mid-way, as it can while list() walks the items.
+    for source_id, (reference, copy) in _copies.copy().items():
         source = reference()
         if source is not None and not _same(source, copy):
             _forget(source_id)
@@ -76,5 +78,6 @@ def _same(source: torch.Tensor, copy: torch.Tensor) -> bool:
 
 def _forget(source_id: int) -> None:
     _copies.pop(source_id, None)
-    for key in [key for key, entry in _cache.items() if source_id in entry[2]]:
-        del _cache[key]
+    for key, entry in _cache.copy().items():
+        if source_id in entry[2]:
+            _cache.pop(key, None)

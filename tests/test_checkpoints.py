@@ -76,3 +76,15 @@ def test_adapters_are_found_by_name_or_path(tmp_path, monkeypatch):
     assert adapter.resolve(tmp_path) == tmp_path
     with pytest.raises(ValueError, match=r"neither an adapter directory nor a shipped adapter \(tiny-adapter\)"):
         adapter.resolve("other-model")
+
+
+def test_every_recipe_is_for_a_known_model_and_commands_fail_in_one_line(capsys):
+    from mtp_model.cli import main
+    from mtp_model.recipes import RECIPES
+
+    assert set(RECIPES) <= set(checkpoints.KNOWN_MODELS)
+    for argv in (["fetch", "gpt-5"], ["build-adapter", "gpt-5"], ["convert-gguf"]):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1, argv

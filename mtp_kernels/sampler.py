@@ -269,7 +269,8 @@ def _fused_top_k_choice(hidden, weight, temperature, top_k, top_p, noise):
 
 class SamplerWeights(NamedTuple):
     """The sampler head's tensors (`mtp_model.modules.SamplerHead.weights()`): input Linear [h, 2d] over
-    [embed(previous token); latent], then SiLU -> LayerNorm -> Linear [h, h] -> SiLU -> LayerNorm."""
+    [embed(previous token); latent], then SiLU -> LayerNorm -> Linear [h, h] -> SiLU -> LayerNorm; with
+    `residual_scale` [1] the output is latent + residual_scale * that (h = d)."""
 
     input_weight: torch.Tensor
     input_bias: torch.Tensor | None
@@ -279,14 +280,17 @@ class SamplerWeights(NamedTuple):
     hidden_bias: torch.Tensor | None
     norm2_weight: torch.Tensor | None
     norm2_bias: torch.Tensor | None
+    residual_scale: torch.Tensor | None
     eps: float
 
 
-def sampler_body(hidden, weights: SamplerWeights):
-    """Everything after the sampler's input layer: [..., h] -> [..., h]."""
+def sampler_body(hidden, latent, weights: SamplerWeights):
+    """Everything after the sampler's input layer: hidden [..., h] (the input layer's output) and latent
+    [..., d] (the mask state it read) -> [..., d]."""
     hidden = F.layer_norm(F.silu(hidden), hidden.shape[-1:], weights.norm1_weight, weights.norm1_bias, weights.eps)
     hidden = F.silu(F.linear(hidden, weights.hidden_weight, weights.hidden_bias))
-    return F.layer_norm(hidden, hidden.shape[-1:], weights.norm2_weight, weights.norm2_bias, weights.eps)
+    hidden = F.layer_norm(hidden, hidden.shape[-1:], weights.norm2_weight, weights.norm2_bias, weights.eps)
+    return hidden if weights.residual_scale is None else latent.to(hidden.dtype) + weights.residual_scale * hidden
 
 
 # --- the ops' implementations: inputs checked by the public functions below -------------------------------
@@ -347,7 +351,7 @@ def _draft_chain(first_tokens, latents, embed_weight, lm_weight, sampler, temper
             token_terms = table[previous]
         else:
             token_terms = F.linear(embed_weight[previous].to(token_weight.dtype), token_weight)
-        hidden = sampler_body(token_terms + latent_terms[:, j], weights)
+        hidden = sampler_body(token_terms + latent_terms[:, j], latents[:, j], weights)
         previous = _choose(hidden, lm_weight, temperature, top_k, top_p, None if noise is None else noise[:, j],
                            packed)
         if draft_tokens is not None:

@@ -26,6 +26,9 @@ class MTPConfig:
     draft_vocab_size: drafts come from this many tokens only (the adapter's `mtp.draft_tokens`, the most
     frequent in its training responses), so the draft chain reads that many rows of the LM head per draft
     instead of the whole vocabulary; verification keeps the full head, so output never changes. None: all.
+    sampler_residual: the sampler's output is the mask state plus its correction, scaled by a learned factor
+    that starts at 0 (the paper's sampler has no such path; with one, an untrained sampler drafts what the
+    plain LM head on the mask state would, so a short training run starts from there).
     """
 
     num_masks: int = 8
@@ -37,6 +40,7 @@ class MTPConfig:
     use_sampler: bool = True
     mask_init_std: float | None = None  # None: the std of the model's input embeddings
     draft_vocab_size: int | None = None
+    sampler_residual: bool = False
     # Filled by `patch` from the model, checked when an adapter is loaded into another model.
     base_model: dict = field(default_factory=dict)
 
@@ -55,6 +59,8 @@ class MTPConfig:
             check_finite_number("mask_init_std", self.mask_init_std, positive=True)
         if self.decoding not in DECODING_MODES:
             raise ValueError(f"decoding must be one of {DECODING_MODES}, got {self.decoding!r}")
+        if not isinstance(self.sampler_residual, bool):
+            raise ValueError(f"sampler_residual must be True or False, got {self.sampler_residual!r}")
         if not isinstance(self.use_sampler, bool):
             raise ValueError(f"use_sampler must be True or False, got {self.use_sampler!r}")
         if not self.target_modules or not all(isinstance(name, str) for name in self.target_modules):

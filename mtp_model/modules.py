@@ -15,7 +15,8 @@
   other gates the packed product plus the masked LoRA term. `gated_lora_prepacked` is that prepacked
   product as a function of the weights, which `step_forward` calls without the module.
 - `SamplerHead(hidden_size)`: `[embed(prev); z]` [N, 2d] -> Linear -> SiLU -> LayerNorm -> Linear -> SiLU
-  -> LayerNorm -> [N, d]; its output goes through the model's own LM head. `weights()` hands its tensors
+  -> LayerNorm -> [N, d] (with `residual`, z + a learned scale, from 0, times that); its output goes
+  through the model's own LM head. `weights()` hands its tensors
   to the draft chain op (`mtp_kernels.draft_chain`), which computes the input layer's two halves apart.
 - `MTPHead`: holds the mask embeddings [k, d] and the sampler, registered on the model as `model.mtp`.
 """
@@ -135,9 +136,12 @@ def gated_lora_prepacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 class SamplerHead(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-5, device=None, dtype=None):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, residual: bool = False, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        # residual: the output is the mask state plus a learned correction scaled from 0, so an untrained
+        # sampler drafts what the plain LM head on the mask state would.
+        self.residual_scale = nn.Parameter(torch.zeros(1, **factory)) if residual else None
         self.mlp = nn.Sequential(
             nn.Linear(2 * hidden_size, hidden_size, **factory),
             nn.SiLU(),
@@ -156,15 +160,12 @@ class SamplerHead(nn.Module):
         """The tensors the draft chain op takes (`mtp_kernels.draft_chain`)."""
         first, _, first_norm, second, _, second_norm = self.mlp
         return SamplerWeights(first.weight, first.bias, first_norm.weight, first_norm.bias, second.weight,
-                              second.bias, second_norm.weight, second_norm.bias, first_norm.eps)
+                              second.bias, second_norm.weight, second_norm.bias, self.residual_scale, first_norm.eps)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [..., 2d] = cat([embed(previous token), mask hidden state]) -> [..., d]."""
-        return self.body(F.linear(features, self.input_layer.weight, self.input_layer.bias))
-
-    def body(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Everything after the input layer: [..., d] -> [..., d] (`mtp_kernels.sampler.sampler_body`)."""
-        return sampler_body(hidden, self.weights())
+        latent = features[..., features.shape[-1] // 2 :]
+        return sampler_body(F.linear(features, self.input_layer.weight, self.input_layer.bias), latent, self.weights())
 
 
 class MTPHead(nn.Module):
@@ -172,11 +173,11 @@ class MTPHead(nn.Module):
     the vocabulary, `draft_tokens` [V_d] (sorted token ids, set from training data by `set_draft_tokens`)."""
 
     def __init__(self, num_masks: int, hidden_size: int, init_std: float, draft_vocab_size: int | None = None,
-                 device=None, dtype=None):
+                 sampler_residual: bool = False, device=None, dtype=None):
         super().__init__()
         embeddings = torch.randn(num_masks, hidden_size, device=device, dtype=torch.float32) * init_std
         self.mask_embeddings = nn.Parameter(embeddings.to(dtype), requires_grad=False)
-        self.sampler = SamplerHead(hidden_size, device=device, dtype=dtype)
+        self.sampler = SamplerHead(hidden_size, residual=sampler_residual, device=device, dtype=dtype)
         if draft_vocab_size is not None:
             self.register_buffer("draft_tokens", torch.arange(draft_vocab_size, device=device))
         else:

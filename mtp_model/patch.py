@@ -77,7 +77,7 @@ def patch(model, config: MTPConfig | None = None, adapter: str | Path | None = N
         raise ValueError(f"draft_vocab_size={config.draft_vocab_size} exceeds the model's vocabulary of "
                          f"{model.config.vocab_size}")
     model.mtp = MTPHead(config.num_masks, model.config.hidden_size, init_std, config.draft_vocab_size,
-                        device=weight.device, dtype=weight.dtype)
+                        config.sampler_residual, device=weight.device, dtype=weight.dtype)
     model.requires_grad_(False)  # only the LoRA factors and the sampler train
     for module in model.modules():
         if isinstance(module, GatedLoRALinear):

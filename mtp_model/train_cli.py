@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(1: after every one, the paper's layout)")
     parser.add_argument("--regular-weight", type=bounded(float, 0, 1), default=1.0,
                         help="cross-entropy weight of the regular tokens (0 skips their LM-head products)")
+    parser.add_argument("--sampler-residual", action="store_true",
+                        help="the sampler corrects the mask state instead of replacing it (starts as the plain LM head)")
     parser.add_argument("--draft-vocab", type=bounded(int, 1), default=None, metavar="N",
                         help="draft from the N tokens most frequent in the training responses (default: all)")
     return parser
@@ -92,7 +94,7 @@ def train_main(argv: list[str] | None = None) -> int:
     examples = tokenize_pairs(tokenizer, pairs, args.max_length)
 
     config = mtp_model.MTPConfig(num_masks=args.num_masks, lora_rank=args.rank, lora_alpha=args.alpha,
-                                 draft_vocab_size=args.draft_vocab)
+                                 draft_vocab_size=args.draft_vocab, sampler_residual=args.sampler_residual)
     mtp_model.patch(model, config)
     if args.draft_vocab is not None:
         eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)

@@ -118,7 +118,7 @@ def test_draft_chain_feeds_each_draft_back(kernel_mode, monkeypatch, token_table
         previous = first
         for j in range(k):
             features = F.linear(torch.cat([embed[previous], latents[:, j]], -1), sampler.input_weight, sampler.input_bias)
-            logits = sampler_ops.sampler_body(features, sampler).double() @ lm.double().t()
+            logits = sampler_ops.sampler_body(features, latents[:, j], sampler).double() @ lm.double().t()
             expected = logits.argmax(-1)
             assert torch.equal(drafts[:, j], expected)
             previous = expected

@@ -150,3 +150,26 @@ def load_weights(model, path: str | Path) -> None:
 
         check_draft_tokens(tensors["mtp.draft_tokens"], model.config.vocab_size, f"the adapter at {path}'s draft_tokens")
     model.load_state_dict(tensors, strict=False)
+
+
+def warm_start(model, path: str | Path) -> list[str]:
+    """Starts training from another adapter: loads each of its tensors that `model` (patched for the new run)
+    has under the same name and shape, and returns the names of the model's adapter tensors left at their
+    initial values (new parts, such as a residual sampler's scale). The two adapters must agree on the
+    base model, the number of masks, the LoRA rank and the target modules: otherwise most tensors would not
+    carry over, and that is refused rather than silently trained from scratch."""
+    path = resolve(path)
+    config = load_config(path)
+    check_fits(config, model)
+    mine = model.mtp_config
+    for field in ("num_masks", "lora_rank", "target_modules"):
+        if getattr(config, field) != getattr(mine, field):
+            raise ValueError(f"cannot start from the adapter at {path}: its {field} is {getattr(config, field)!r}, "
+                             f"this run's is {getattr(mine, field)!r}")
+    saved = {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in load_file(str(path / WEIGHTS_FILE)).items()}
+    check_finite(saved, f"the adapter at {path}")
+    expected = adapter_tensors(model)
+    carried = {name: tensor for name, tensor in saved.items()
+               if name in expected and tensor.shape == expected[name].shape}
+    model.load_state_dict(carried, strict=False)
+    return sorted(set(expected) - set(carried))

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cross-entropy weight of the regular tokens (0 skips their LM-head products)")
     parser.add_argument("--sampler-residual", action="store_true",
                         help="the sampler corrects the mask state instead of replacing it (starts as the plain LM head)")
+    parser.add_argument("--init-from", default=None, metavar="ADAPTER",
+                        help="start from this adapter's tensors (same masks, rank and base model); parts it lacks, "
+                             "such as a residual sampler's scale, start fresh")
     parser.add_argument("--draft-vocab", type=bounded(int, 1), default=None, metavar="N",
                         help="draft from the N tokens most frequent in the training responses (default: all)")
     return parser
@@ -66,6 +69,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     import mtp_model
+    from mtp_model.adapter import load_config, warm_start
     from mtp_model.data import most_frequent_tokens, read_jsonl, self_distill, tokenize_pairs
     from mtp_model.model_helpers import sliding_window
     from mtp_model.training import LossWeights, MTPDataCollator, MTPTrainer, enable_gradient_checkpointing
@@ -74,6 +78,8 @@ def train_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     check_out(parser, out, args.resume, args.overwrite)
+    if args.init_from is not None:
+        read_or_exit(parser, load_config, args.init_from)
     pairs = read_or_exit(parser, read_jsonl, args.data)
     if not pairs:
         parser.error(f"{args.data}: no training records")
@@ -96,6 +102,9 @@ def train_main(argv: list[str] | None = None) -> int:
     config = mtp_model.MTPConfig(num_masks=args.num_masks, lora_rank=args.rank, lora_alpha=args.alpha,
                                  draft_vocab_size=args.draft_vocab, sampler_residual=args.sampler_residual)
     mtp_model.patch(model, config)
+    if args.init_from is not None:
+        fresh = warm_start(model, args.init_from)
+        print(f"mtp train: started from {args.init_from}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
     if args.draft_vocab is not None:
         eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
         model.mtp.set_draft_tokens(most_frequent_tokens(examples, args.draft_vocab, model.config.vocab_size, eos),

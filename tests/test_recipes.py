@@ -2,6 +2,7 @@
 made of exactly the recipe's prompts."""
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import tiny_model
@@ -45,3 +46,45 @@ def test_the_training_file_holds_exactly_the_recipes_prompts(tmp_path):
     write_jsonl(distilled, replies[:2])
     with pytest.raises(RuntimeError, match="2 prompts of .* have no distilled reply yet"):
         recipes._training_file(prompts, distilled, tmp_path / "train.jsonl")
+
+
+def test_training_stages_run_in_order_each_from_the_one_before_and_skip_when_done(tmp_path, monkeypatch):
+    model_dir = tmp_path / "model"
+    tiny_tokenizer().save_pretrained(model_dir)
+    work = tmp_path / "work"
+    for stage in ("one", "two"):
+        (work / stage).mkdir(parents=True)
+    write_jsonl(work / "prompts.jsonl", prompt_records(2))
+    write_jsonl(work / "distilled.jsonl", [
+        {"id": f"p{i}", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+         "stopped": True} for i in range(2)])
+    recipe = recipes.Recipe(2, 64, 4, 2, stages=(recipes.TrainingStage("one", ("--steps", "2")),
+                                                 recipes.TrainingStage("two", ("--steps", "3"), init_from="one")))
+    monkeypatch.setitem(recipes.RECIPES, "toy", recipe)
+    monkeypatch.setattr(recipes, "model_directory", lambda name: model_dir)
+    monkeypatch.setattr(recipes, "SHIPPED_DIR", tmp_path / "shipped")
+    calls = []
+
+    def train(argv):
+        calls.append(argv)
+        out = argv[argv.index("--out") + 1]
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (Path(out) / name).write_text(out)
+        return 0
+
+    monkeypatch.setattr("mtp_model.train_cli.train_main", train)
+    shipped = recipes.build_adapter("toy", work, stage="train")
+    assert [call[call.index("--out") + 1] for call in calls] == [str(work / "one"), str(work / "two")]
+    assert "--init-from" not in calls[0] and calls[1][calls[1].index("--init-from") + 1] == str(work / "one")
+    assert (shipped / "adapter_model.safetensors").read_text() == str(work / "two")  # the last stage ships
+    calls.clear()
+    recipes.build_adapter("toy", work, stage="train")
+    assert calls == []  # both finished: nothing reruns
+
+
+def test_every_recipe_stage_starts_from_an_earlier_one():
+    for recipe in recipes.RECIPES.values():
+        outs = [stage.out for stage in recipe.stages]
+        assert len(set(outs)) == len(outs)
+        for position, stage in enumerate(recipe.stages):
+            assert stage.init_from is None or stage.init_from in outs[:position]

@@ -1,6 +1,7 @@
 """The residual sampler (MTPConfig.sampler_residual): at its start it drafts what the plain LM head on the
 mask states drafts, the draft chain op agrees with the module, output stays stock's, and it round-trips."""
 
+import pytest
 import torch
 from helpers import left_padded_prompts, randomize_adapter, tiny_model
 
@@ -55,3 +56,24 @@ def test_the_residual_scale_trains_and_round_trips(tmp_path):
     assert torch.equal(loaded.mtp.sampler.residual_scale, model.mtp.sampler.residual_scale)
     plain = patched(residual=False)
     assert plain.mtp.sampler.residual_scale is None and "mtp.sampler.residual_scale" not in plain.state_dict()
+
+
+def test_training_can_switch_to_the_residual_sampler_from_a_plain_adapter(tmp_path):
+    trained = randomize_adapter(patched(residual=False, seed=5), seed=5)
+    mtp_model.save_adapter(trained, tmp_path)
+    model = patched(residual=True, seed=6)
+    fresh = mtp_model.adapter.warm_start(model, tmp_path)
+    assert fresh == ["mtp.sampler.residual_scale"] and float(model.mtp.sampler.residual_scale.detach()) == 0.0
+    carried = mtp_model.adapter.adapter_tensors(trained)
+    for name, tensor in mtp_model.adapter.adapter_tensors(model).items():
+        if name != "mtp.sampler.residual_scale":
+            assert torch.equal(tensor, carried[name]), name
+    # What would not carry over is refused, not trained from scratch under the old adapter's name.
+    other = tiny_model(seed=6)
+    mtp_model.patch(other, mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+    with pytest.raises(ValueError, match="its num_masks is 3, this run's is 2"):
+        mtp_model.adapter.warm_start(other, tmp_path)
+    wider = tiny_model(seed=6, hidden_size=32)
+    mtp_model.patch(wider, mtp_model.MTPConfig(num_masks=3, lora_rank=4))
+    with pytest.raises(ValueError, match="does not fit this model.*hidden_size"):
+        mtp_model.adapter.warm_start(wider, tmp_path)

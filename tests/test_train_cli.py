@@ -55,6 +55,23 @@ def test_train_command_writes_a_loadable_adapter(tmp_path):
     assert model.mtp_config.num_masks == 3
 
 
+def test_a_run_can_start_from_another_adapter(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    tiny_model(vocab_size=len(WORDS)).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "data.jsonl", counting_records(8))
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--num-masks", "3", "--rank", "4", "--batch", "4"]
+    assert main([*argv, "--out", str(tmp_path / "first"), "--steps", "2"]) == 0
+    with pytest.raises(SystemExit) as refused:  # checked before any model loads
+        main([*argv, "--out", str(tmp_path / "second"), "--steps", "1", "--init-from", str(tmp_path / "nowhere")])
+    assert refused.value.code == 2 and "nowhere is neither an adapter directory" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "second"), "--steps", "1", "--sampler-residual",
+                 "--init-from", str(tmp_path / "first")]) == 0
+    assert "fresh: mtp.sampler.residual_scale" in capsys.readouterr().out
+    second = mtp_model.patch(tiny_model(vocab_size=len(WORDS)), adapter=tmp_path / "second")
+    assert second.mtp_config.sampler_residual
+
+
 def test_overwrite_replaces_an_adapter_and_its_checkpoints(tmp_path):
     model_dir = tmp_path / "model"
     tiny_model(vocab_size=len(WORDS)).save_pretrained(model_dir)

@@ -116,8 +116,8 @@ def gated_lora_on_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def gated_lora_group_on_packed(x: torch.Tensor, members, gated_from: int) -> list[torch.Tensor]:
     """`gated_lora_on_packed` for several linears of the same x at once (a layer's q, k and v; its gate and
     up), members [(weight, bias, lora_a, lora_b, scaling)]: one product against [W_1; ..; W_n; W_1 + s_1
-    B_1 A_1; ..] instead of n, since each oneDNN call has a fixed cost of ~10 us (q, k and v of the demo
-    model over 15 rows: 40 against 73 us). Returns each member's [..., T, out_i], views of one product.
+    B_1 A_1; ..] instead of n, since each oneDNN call has a fixed cost that shows on small models.
+    Returns each member's [..., T, out_i], views of one product.
     """
     sizes = [member[0].shape[0] for member in members]
     width = sum(sizes)

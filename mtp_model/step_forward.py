@@ -18,10 +18,8 @@ the project's machine: oneDNN sums each output the same way whatever the product
 Why: a decoding step on a small model is a few hundred small ops, and on the CPU each one's Python cost
 shows. The modeling files route every layer through module calls, keyword plumbing, the attention
 interface, the cache's `update` and tree attention's per-call input checks; here the per-forward work
-(rotary, cache index, visibility mask) is done once and each layer is its arithmetic. On the demo model
-(2-core EPYC, 7 masks linear, in-process A/B) a step went from about 4.4 to 3.7 ms, and the speed-up over
-stock greedy on 30 held-out prompts from x1.84 to x2.29; the grouped products took another 6% off a step
-(3.52 -> 3.23 and 3.28 -> 3.13 ms).
+(rotary, cache index, visibility mask) is done once and each layer is its arithmetic. What that saves on
+the demo model is in benchmarks/results/README.md ("The step forward").
 
 Used by `decoding` only on its prepacked path (fp32 CPU inference) and only when `build` recognises every
 piece: the stock decoder-layer classes of those families, plain or gated-LoRA linears with fp32 weights,

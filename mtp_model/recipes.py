@@ -59,7 +59,7 @@ RECIPES = {
         distill_max_new_tokens=160,
         distill_batch=32,
         stages=(
-            TrainingStage("stage1", (*_SMOLLM2_TRAIN, "--steps", "70", "--seed", "0")),
+            TrainingStage("stage1", (*_SMOLLM2_TRAIN, "--steps", "71", "--seed", "0")),
             TrainingStage("adapter", (*_SMOLLM2_TRAIN, "--steps", "300", "--seed", "1", "--sampler-residual"),
                           init_from="stage1"),
         ),

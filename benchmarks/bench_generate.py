@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import mtp_model
 from mtp_model.attention import MTPCache
-from mtp_model.decoding import _Decoder
+from mtp_model.decoding import Decoder
 from mtp_model.layout import step_layout
 
 BATCHES = grid([1, 4, 16], [1, 4])
@@ -83,7 +83,7 @@ def test_mtp_greedy(benchmark, models, batch):
 def test_step_cost_ratio(benchmark, models, batch):
     """Time of one k=8 quadratic verify step over one plain decode step, same model, same cache length."""
     _, patched = models
-    decoder = _Decoder(patched, num_masks=8, mode="quadratic", use_sampler=True, params=mtp_kernels_params(),
+    decoder = Decoder(patched, num_masks=8, mode="quadratic", use_sampler=True, params=mtp_kernels_params(),
                        generator=None)
     layout = step_layout(8, 8, "quadratic", DEVICE)
     plain = torch.ones(1, 1, dtype=torch.bool, device=DEVICE)

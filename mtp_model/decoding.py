@@ -142,7 +142,7 @@ def mtp_generate(model, *args, num_masks: int | None = None, decoding: str | Non
     pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
 
     derived.refresh()  # weights edited without a version bump (through .data) since the last call
-    decoder = _Decoder(model, num_masks=num_masks, mode=decoding, use_sampler=use_sampler, params=params,
+    decoder = Decoder(model, num_masks=num_masks, mode=decoding, use_sampler=use_sampler, params=params,
                        generator=generator)
     with torch.no_grad():
         sequences, stats = decoder.run(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id,
@@ -260,8 +260,9 @@ def _cache_keyword(decoder) -> str:
     return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
 
 
-class _Decoder:
-    """One generate call's state: the model, the step layout and the choice of tokens."""
+class Decoder:
+    """One generate call's state: the model, the step layout and the choice of tokens. Public for tests and
+    benchmarks that drive its pieces (`forward`, `verify`, `draft`, `run`); users call `model.generate`."""
 
     def __init__(self, model, num_masks, mode, use_sampler, params, generator):
         self.model = model

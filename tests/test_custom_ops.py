@@ -183,11 +183,11 @@ def test_a_decoding_step_forward_compiles_with_fullgraph(monkeypatch):
 
     import mtp_model
     from mtp_model.attention import MTPCache
-    from mtp_model.decoding import _Decoder
+    from mtp_model.decoding import Decoder
 
     monkeypatch.setenv(backend.ENV_VAR, "reference")
     model = randomize_adapter(mtp_model.patch(tiny_model("llama"), mtp_model.MTPConfig(num_masks=3)))
-    decoder = _Decoder(model, num_masks=3, mode="quadratic", use_sampler=True, params=GREEDY, generator=None)
+    decoder = Decoder(model, num_masks=3, mode="quadratic", use_sampler=True, params=GREEDY, generator=None)
     assert not decoder.prepacked
     B, P = 2, 5
     layout, template = decoder.full_step

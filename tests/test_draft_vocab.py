@@ -34,8 +34,8 @@ def test_drafts_come_from_the_draft_vocabulary_only(monkeypatch):
     seen = []
     from mtp_model import decoding
 
-    original = decoding._Decoder.draft
-    monkeypatch.setattr(decoding._Decoder, "draft", lambda self, *a: seen.append(original(self, *a)) or seen[-1])
+    original = decoding.Decoder.draft
+    monkeypatch.setattr(decoding.Decoder, "draft", lambda self, *a: seen.append(original(self, *a)) or seen[-1])
     for do_sample in (False, True):
         ids, mask = left_padded_prompts([6, 3], model.config.vocab_size, seed=2)
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=do_sample,

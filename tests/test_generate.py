@@ -54,7 +54,7 @@ def _oracle(monkeypatch, continuation, num_masks, last_wrong=False):
     """Makes every draft the stock continuation: what a perfect adapter would propose (batch 1). With
     `last_wrong`, each step's last draft is off by one token id, so exactly num_masks - 1 can be accepted."""
     emitted = {"count": 0}
-    original_emit = decoding._Decoder.emit
+    original_emit = decoding.Decoder.emit
 
     def emit(self, tokens, counts, output, generated, *args):
         finished = original_emit(self, tokens, counts, output, generated, *args)
@@ -69,8 +69,8 @@ def _oracle(monkeypatch, continuation, num_masks, last_wrong=False):
             upcoming[-1] = (upcoming[-1] + 1) % self.vocab_size
         return torch.tensor([upcoming])
 
-    monkeypatch.setattr(decoding._Decoder, "emit", emit)
-    monkeypatch.setattr(decoding._Decoder, "draft", draft)
+    monkeypatch.setattr(decoding.Decoder, "emit", emit)
+    monkeypatch.setattr(decoding.Decoder, "draft", draft)
 
 
 @pytest.mark.parametrize("mode", ["quadratic", "linear"])
@@ -101,8 +101,8 @@ def test_after_a_rejection_the_next_drafts_follow_the_last_accepted_token(monkey
     expected = stock_greedy(model, ids, mask, max_new_tokens)
     _oracle(monkeypatch, expected[0, ids.shape[1] :], num_masks, last_wrong=True)
     step_sizes = []
-    forward = decoding._Decoder.forward
-    monkeypatch.setattr(decoding._Decoder, "forward", lambda self, ids, *args: step_sizes.append(ids.shape[1])
+    forward = decoding.Decoder.forward
+    monkeypatch.setattr(decoding.Decoder, "forward", lambda self, ids, *args: step_sizes.append(ids.shape[1])
                         or forward(self, ids, *args))
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, decoding=mode)
     assert torch.equal(out, expected)
@@ -140,14 +140,14 @@ def test_cache_holds_prompt_plus_accepted_tokens(monkeypatch):
     model = patched(num_masks=3, seed=2)
     ids, mask = left_padded_prompts([4, 6], model.config.vocab_size, seed=2)
     captured = {}
-    original_run = decoding._Decoder.run
+    original_run = decoding.Decoder.run
 
     def run(self, *args):
         sequences, stats = original_run(self, *args)
         captured.update(stats)
         return sequences, stats
 
-    monkeypatch.setattr(decoding._Decoder, "run", run)
+    monkeypatch.setattr(decoding.Decoder, "run", run)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12)
     # Every emitted token but the last (the next step's anchor) is cached, after the padded prompt.
     assert captured["cache_lengths"] == [ids.shape[1] + 12 - 1] * 2

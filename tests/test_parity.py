@@ -375,8 +375,8 @@ def test_non_finite_mask_states_never_change_the_verified_tokens(monkeypatch, mo
     if not prepacked:
         monkeypatch.setattr(decoding, "packing_applies", lambda *args: False)
     states = []
-    draft = decoding._Decoder.draft
-    monkeypatch.setattr(decoding._Decoder, "draft",
+    draft = decoding.Decoder.draft
+    monkeypatch.setattr(decoding.Decoder, "draft",
                         lambda self, seed, hidden: states.append(hidden) or draft(self, seed, hidden))
     out = model.generate(ids, attention_mask=mask, max_new_tokens=12, decoding=mode)
     assert not all(bool(torch.isfinite(hidden).all()) for hidden in states)  # the mask path did overflow

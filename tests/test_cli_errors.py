@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 from helpers import tiny_model
-from test_train_cli import WORDS, counting_records, tiny_tokenizer, write_jsonl
+from test_train_cli import WORDS, counting_records, saved_tiny_model, tiny_tokenizer, write_jsonl
 
 import mtp_model
 from mtp_model import cli
@@ -19,10 +19,7 @@ from mtp_model.evaluate import evaluate, read_prompts
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    tiny_model(vocab_size=len(WORDS)).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return saved_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

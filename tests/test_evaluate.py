@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import randomize_adapter, tiny_model
-from test_train_cli import WORDS, tiny_tokenizer
+from test_train_cli import WORDS, saved_tiny_model, tiny_tokenizer
 
 import mtp_model
 from mtp_model.cli import main
@@ -14,9 +14,7 @@ from mtp_model.evaluate import evaluate, format_table, read_prompts, sweep_confi
 
 
 def test_eval_command_writes_table_json_and_chart(tmp_path, capsys):
-    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
-    tiny_model(vocab_size=len(WORDS)).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir, adapter_dir = saved_tiny_model(tmp_path / "model"), tmp_path / "adapter"
     patched = randomize_adapter(mtp_model.patch(tiny_model(vocab_size=len(WORDS)), mtp_model.MTPConfig(num_masks=3, lora_rank=4)))
     mtp_model.save_adapter(patched, adapter_dir)
     prompts = tmp_path / "prompts.jsonl"

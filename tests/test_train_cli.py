@@ -30,6 +30,13 @@ def write_jsonl(path, records):
     return path
 
 
+def saved_tiny_model(path, family="llama", **overrides):
+    """A tiny model and the test tokenizer saved as a Hugging Face directory, as `mtp train --model` takes."""
+    tiny_model(family, vocab_size=len(WORDS), **overrides).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def counting_records(count):
     records = []
     for start in range(count):
@@ -43,9 +50,7 @@ def counting_records(count):
 
 
 def test_train_command_writes_a_loadable_adapter(tmp_path):
-    model_dir = tmp_path / "model"
-    tiny_model(vocab_size=len(WORDS)).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = saved_tiny_model(tmp_path / "model")
     data = write_jsonl(tmp_path / "data.jsonl", counting_records(24))
     out = tmp_path / "adapter"
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--num-masks", "3",
@@ -56,9 +61,7 @@ def test_train_command_writes_a_loadable_adapter(tmp_path):
 
 
 def test_a_run_can_start_from_another_adapter(tmp_path, capsys):
-    model_dir = tmp_path / "model"
-    tiny_model(vocab_size=len(WORDS)).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = saved_tiny_model(tmp_path / "model")
     data = write_jsonl(tmp_path / "data.jsonl", counting_records(8))
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--num-masks", "3", "--rank", "4", "--batch", "4"]
     assert main([*argv, "--out", str(tmp_path / "first"), "--steps", "2"]) == 0
@@ -73,9 +76,7 @@ def test_a_run_can_start_from_another_adapter(tmp_path, capsys):
 
 
 def test_overwrite_replaces_an_adapter_and_its_checkpoints(tmp_path):
-    model_dir = tmp_path / "model"
-    tiny_model(vocab_size=len(WORDS)).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = saved_tiny_model(tmp_path / "model")
     data = write_jsonl(tmp_path / "data.jsonl", counting_records(8))
     out = tmp_path / "adapter"
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--rank", "4", "--batch", "4"]
@@ -90,9 +91,7 @@ def test_overwrite_replaces_an_adapter_and_its_checkpoints(tmp_path):
 
 
 def test_train_command_refuses_sequences_past_a_sliding_window(tmp_path, monkeypatch, capsys):
-    model_dir = tmp_path / "model"
-    tiny_model("mistral", vocab_size=len(WORDS), sliding_window=64).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = saved_tiny_model(tmp_path / "model", "mistral", sliding_window=64)
     data = write_jsonl(tmp_path / "data.jsonl", counting_records(4))
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # refused before the model is loaded
     with pytest.raises(SystemExit) as refused:

@@ -22,6 +22,16 @@ from dataclasses import dataclass
 import torch
 
 
+def may_attend(query_anchor, query_mask, key_anchor, key_mask):
+    """The attention rule of both layouts, elementwise on broadcastable tensors: query (anchor a1, mask
+    number r1) may attend to key (a2, r2) iff (r2 == 0 and a2 <= a1) or (a2 == a1 and 0 < r2 <= r1).
+    Decoding's block masks, training's dense mask and its FlexAttention mask are this function;
+    `training_attention.grid_attention` computes it part by part and is tested against it."""
+    sees_regular = (key_mask == 0) & (key_anchor <= query_anchor)
+    sees_own_block = (key_anchor == query_anchor) & (key_mask > 0) & (key_mask <= query_mask)
+    return sees_regular | sees_own_block
+
+
 @dataclass(frozen=True)
 class StepLayout:
     """One decoding step's layout; every tensor is [T] unless said otherwise (T tokens in the block)."""
@@ -50,11 +60,7 @@ def step_layout(num_drafts: int, num_masks: int, mode: str, device: torch.device
 
     anchor_of = torch.tensor([g for g, _ in tokens])
     mask_number = torch.tensor([i for _, i in tokens])
-    query_anchor, key_anchor = anchor_of[:, None], anchor_of[None, :]
-    query_mask, key_mask = mask_number[:, None], mask_number[None, :]
-    sees_regular = (key_mask == 0) & (key_anchor <= query_anchor)
-    sees_own_block = (key_anchor == query_anchor) & (key_mask > 0) & (key_mask <= query_mask)
-    block_mask = sees_regular | sees_own_block
+    block_mask = may_attend(anchor_of[:, None], mask_number[:, None], anchor_of[None, :], mask_number[None, :])
 
     index = {token: position for position, token in enumerate(tokens)}
     regular = torch.tensor([index[(g, 0)] for g in range(num_drafts + 1)])
@@ -74,10 +80,10 @@ def step_layout(num_drafts: int, num_masks: int, mode: str, device: torch.device
 # --- training ----------------------------------------------------------------------------------------
 #
 # Training. k masks follow every loss-bearing token of a sequence x_0..x_{n-1} (token i is loss-bearing when
-# its label x_{i+1} is a response token), or a chosen subset of them (`anchors`); none follow prompt tokens. Every token carries (anchor a, mask
-# number r): a regular token x_i is (i, 0), mask j after x_i is (i, j). The attention rule is the decoding
-# one: query (a1, r1) sees key (a2, r2) iff (r2 == 0 and a2 <= a1) or (a2 == a1 and 0 < r2 <= r1). So one
-# forward simulates, for every response position, "the first i tokens + k masks".
+# its label x_{i+1} is a response token), or a chosen subset of them (`anchors`); none follow prompt tokens.
+# Every token carries (anchor a, mask number r): a regular token x_i is (i, 0), mask j after x_i is (i, j).
+# The attention rule is the decoding one (`may_attend`), so one forward simulates, for every response
+# position, "the first i tokens + k masks".
 
 
 @dataclass(frozen=True)
@@ -130,10 +136,7 @@ def training_layout(input_ids: torch.Tensor, loss_mask: torch.Tensor, num_masks:
 def training_attention_mask(anchor: torch.Tensor, mask_number: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, L] (anchor, mask number, valid) -> [B, 1, L, L] bool, True = may attend (padding sees nothing
     and is seen by nothing, except itself so no softmax row is empty)."""
-    query_anchor, key_anchor = anchor[:, :, None], anchor[:, None, :]
-    query_mask, key_mask = mask_number[:, :, None], mask_number[:, None, :]
-    sees_regular = (key_mask == 0) & (key_anchor <= query_anchor)
-    sees_own_block = (key_anchor == query_anchor) & (key_mask > 0) & (key_mask <= query_mask)
-    allowed = (sees_regular | sees_own_block) & valid[:, None, :] & valid[:, :, None]
+    allowed = may_attend(anchor[:, :, None], mask_number[:, :, None], anchor[:, None, :], mask_number[:, None, :])
+    allowed &= valid[:, None, :] & valid[:, :, None]
     allowed |= torch.eye(anchor.shape[1], dtype=torch.bool, device=anchor.device)[None]
     return allowed[:, None]

@@ -37,7 +37,7 @@ from transformers import Trainer
 from mtp_kernels.linear_cross_entropy import linear_cross_entropy
 from mtp_model.adapter import load_weights, save_adapter
 from mtp_model.attention import PREFIX
-from mtp_model.layout import training_layout
+from mtp_model.layout import may_attend, training_layout
 from mtp_model.model_helpers import embed_tokens, gate_context, sliding_window
 from mtp_model.training_attention import TrainingGrid
 
@@ -127,13 +127,12 @@ def flex_block_mask(anchor, mask_number, valid):
     """The layout's rule as a FlexAttention BlockMask (sparse, built from the per-token rule)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def may_attend(b, h, q, kv):
-        sees_regular = (mask_number[b, kv] == 0) & (anchor[b, kv] <= anchor[b, q])
-        own_block = (anchor[b, kv] == anchor[b, q]) & (mask_number[b, kv] > 0) & (mask_number[b, kv] <= mask_number[b, q])
-        return ((sees_regular | own_block) & valid[b, kv] & valid[b, q]) | (q == kv)
+    def mask_mod(b, h, q, kv):
+        allowed = may_attend(anchor[b, q], mask_number[b, q], anchor[b, kv], mask_number[b, kv])
+        return (allowed & valid[b, kv] & valid[b, q]) | (q == kv)
 
     B, L = anchor.shape
-    return create_block_mask(may_attend, B, None, L, L, device=anchor.device)
+    return create_block_mask(mask_mod, B, None, L, L, device=anchor.device)
 
 
 def _cross_entropy(lm_head, hidden, labels, row_weights):

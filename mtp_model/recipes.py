@@ -9,8 +9,9 @@ Stages, each skipping what an earlier (interrupted) run finished:
 3. self-distillation: the model's own greedy reply to each (`data.distill_jsonl`, appended in chunks);
 4. training: `mtp train` on the replies, in the recipe's stages (each may start from the adapter of the one
    before), each resuming from its last checkpoint;
-5. the adapter is copied into the package (`mtp_model/adapters/<name>`), where `patch(model,
-   adapter=<name>)` finds it.
+5. the last stage's adapter is copied into the package (`mtp_model/adapters/<name>`), where `patch(model,
+   adapter=<name>)` finds it, with the recipe's `generate` defaults (the fastest configuration `mtp eval`
+   measured for it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtp_model.adapter import SHIPPED_DIR, WEIGHTS_FILE
+from mtp_model.adapter import SHIPPED_DIR, WEIGHTS_FILE, set_generation_defaults
 from mtp_model.checkpoints import cache_root, model_directory
 
 
@@ -40,6 +41,7 @@ class Recipe:
     distill_batch: int
     stages: tuple[TrainingStage, ...] = field(default_factory=tuple)
     seed: int = 0
+    generate_defaults: tuple[int, str] | None = None  # (masks, decoding): the fastest `mtp eval` measured
 
 
 _SMOLLM2_TRAIN = ("--num-masks", "8", "--rank", "16", "--alpha", "32", "--lr", "1e-3", "--warmup-steps", "10",
@@ -60,9 +62,10 @@ RECIPES = {
         distill_batch=32,
         stages=(
             TrainingStage("stage1", (*_SMOLLM2_TRAIN, "--steps", "71", "--seed", "0")),
-            TrainingStage("adapter", (*_SMOLLM2_TRAIN, "--steps", "300", "--seed", "1", "--sampler-residual"),
+            TrainingStage("adapter", (*_SMOLLM2_TRAIN, "--steps", "120", "--seed", "1", "--sampler-residual"),
                           init_from="stage1"),
         ),
+        generate_defaults=(1, "quadratic"),  # benchmarks/results/README.md: the fastest on the 2-core CPU
     ),
 }
 
@@ -139,6 +142,8 @@ def build_adapter(name: str, work: Path, stage: str = "all") -> Path | None:
     shipped.mkdir(parents=True, exist_ok=True)
     for file in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy2(out / file, shipped / file)
+    if recipe.generate_defaults is not None:
+        set_generation_defaults(shipped, *recipe.generate_defaults)
     print(f"mtp build-adapter: {name} adapter written to {shipped}")
     return shipped
 

@@ -32,7 +32,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerState
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from mtp_kernels.linear_cross_entropy import linear_cross_entropy
 from mtp_model.adapter import load_weights, save_adapter
@@ -309,6 +310,20 @@ class MTPTrainer(Trainer):
         if self.args.should_save:
             save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        # Resumed from a checkpoint already at max_steps, the Trainer's loop takes one more step before it
+        # checks the limit: a finished run would not stay finished. Load it and stop instead.
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)) and self.args.max_steps > 0:
+            state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+            if state.global_step >= self.args.max_steps:
+                self._load_from_checkpoint(str(checkpoint))
+                self.state = state
+                return TrainOutput(state.global_step, 0.0, {})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
         load_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)

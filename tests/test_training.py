@@ -214,9 +214,9 @@ class _StopAt(TrainerCallback):
 def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
     examples = counting_examples(32, 40, seed=6)
 
-    def run(model, output_dir, **options):
+    def run(model, output_dir, max_steps=4, **options):
         args = TrainingArguments(
-            output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=8, learning_rate=5e-3,
+            output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=5e-3,
             save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, remove_unused_columns=False,
             disable_tqdm=True, seed=0,
         )
@@ -236,6 +236,13 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
     trainer = run(resumed, tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
     assert trainer.state.global_step == 4
     for ours, theirs in zip(resumed.mtp.sampler.parameters(), straight.mtp.sampler.parameters()):
+        torch.testing.assert_close(ours, theirs)
+    # Resumed at its (new) max_steps, a run stays where it is: the Trainer's loop would take one more step.
+    again = fresh()
+    trainer = run(again, tmp_path / "resumed", max_steps=2, resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    assert trainer.state.global_step == 2 and not (tmp_path / "resumed" / "checkpoint-3").exists()
+    checkpoint = mtp_model.patch(tiny_model(seed=6, vocab_size=40), adapter=tmp_path / "resumed" / "checkpoint-2")
+    for ours, theirs in zip(again.mtp.sampler.parameters(), checkpoint.mtp.sampler.parameters()):
         torch.testing.assert_close(ours, theirs)
 
 

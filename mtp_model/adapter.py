@@ -128,8 +128,7 @@ def check_fits(config: MTPConfig, model) -> None:
 
 def load_weights(model, path: str | Path) -> None:
     """Loads the adapter tensors at `path` into a model patched with the adapter's config."""
-    saved = load_file(str(resolve(path) / WEIGHTS_FILE))
-    tensors = {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in saved.items()}
+    tensors = _read_tensors(path)
     expected = adapter_tensors(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -144,7 +143,6 @@ def load_weights(model, path: str | Path) -> None:
                 f"the adapter at {path} does not fit this model: {name} has shape {tuple(tensor.shape)}, "
                 f"the model expects {tuple(expected[name].shape)}"
             )
-    check_finite(tensors, f"the adapter at {path}")
     if "mtp.draft_tokens" in tensors:
         from mtp_model.modules import check_draft_tokens
 
@@ -166,10 +164,17 @@ def warm_start(model, path: str | Path) -> list[str]:
         if getattr(config, field) != getattr(mine, field):
             raise ValueError(f"cannot start from the adapter at {path}: its {field} is {getattr(config, field)!r}, "
                              f"this run's is {getattr(mine, field)!r}")
-    saved = {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in load_file(str(path / WEIGHTS_FILE)).items()}
-    check_finite(saved, f"the adapter at {path}")
+    saved = _read_tensors(path)
     expected = adapter_tensors(model)
     carried = {name: tensor for name, tensor in saved.items()
                if name in expected and tensor.shape == expected[name].shape}
     model.load_state_dict(carried, strict=False)
     return sorted(set(expected) - set(carried))
+
+
+def _read_tensors(path: str | Path) -> dict:
+    """The adapter's tensors at `path` by state-dict name (peft's prefix removed), refused when not finite."""
+    saved = load_file(str(resolve(path) / WEIGHTS_FILE))
+    tensors = {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in saved.items()}
+    check_finite(tensors, f"the adapter at {path}")
+    return tensors

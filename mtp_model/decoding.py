@@ -143,7 +143,7 @@ def mtp_generate(model, *args, num_masks: int | None = None, decoding: str | Non
 
     derived.refresh()  # weights edited without a version bump (through .data) since the last call
     decoder = Decoder(model, num_masks=num_masks, mode=decoding, use_sampler=use_sampler, params=params,
-                       generator=generator)
+                      generator=generator)
     with torch.no_grad():
         sequences, stats = decoder.run(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id,
                                        arguments.get("streamer"), max_steps)

@@ -5,11 +5,12 @@
 """
 
 from mtp_model.adapter import save_adapter, set_generation_defaults
+from mtp_model.compile_step import compile_step
 from mtp_model.config import MTPConfig
 from mtp_model.modules import GatedLoRALinear, SamplerHead
 from mtp_model.patch import patch, unpatch
 
-__all__ = ["GatedLoRALinear", "MTPConfig", "MTPTrainer", "SamplerHead", "patch", "save_adapter",
+__all__ = ["GatedLoRALinear", "MTPConfig", "MTPTrainer", "SamplerHead", "compile_step", "patch", "save_adapter",
            "set_generation_defaults", "unpatch"]
 
 

@@ -254,10 +254,25 @@ def _check_prompt(model, input_ids, attention_mask):
     return input_ids.long(), attention_mask, caller_device
 
 
-def _cache_keyword(decoder) -> str:
+def cache_keyword(decoder) -> str:
     """The name the decoder's forward takes its KV cache under: transformers 5.23 renamed past_key_values
     to cache and warns on the old name; earlier 5.x releases know only the old one."""
     return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
+
+
+def run_decoder(model, cache_keyword, ids, positions, cache, block_mask, prepacked=False):
+    """The model's own decoder stack over [B, T] ids (masks included) at [B, T] positions, attending through
+    `cache` (an `MTPCache`) under the [T, T] `block_mask` -> last hidden states [B, T, d]."""
+    with gate_context(model, ids >= model.config.vocab_size, prepacked=prepacked):
+        output = model.model(
+            inputs_embeds=embed_tokens(model, ids),
+            position_ids=positions,
+            **{cache_keyword: cache},
+            use_cache=True,
+            attention_mask=block_mask[None, None],  # a ready 4D mask: transformers builds none
+            mtp_step=cache.step_attention(block_mask),
+        )
+    return output.last_hidden_state
 
 
 class Decoder:
@@ -284,10 +299,11 @@ class Decoder:
         # (k + 1 tokens instead of 2k + 1), which gives the same verified token and fresh drafts.
         self.draftless_step = self.step_shape(0) if mode == "linear" else None
         self.mask_ids = self.vocab_size + torch.arange(num_masks, device=self.device)
-        self.cache_keyword = _cache_keyword(model.model)
+        self.cache_keyword = cache_keyword(model.model)
         # Decided once per call, so that the projections of every forward skip prepacked_linear's checks.
         self.prepacked = packing_applies(self.device, model.dtype)
         self.step_forward = StepForward.build(model) if self.prepacked else None
+        self.compiled_step = getattr(model, "mtp_compiled_step", None)  # `compile_step`: full steps only
 
     def step_shape(self, num_drafts):
         """A step's layout and its token ids [T] with the masks filled in (mask i = vocab_size + i - 1)."""
@@ -298,18 +314,12 @@ class Decoder:
 
     def forward(self, ids, positions, cache, block_mask):
         """[B, T] ids (masks included) at [B, T] positions -> last hidden states [B, T, d]."""
-        with gate_context(self.model, ids >= self.vocab_size, prepacked=self.prepacked):
-            if self.step_forward is not None:
+        if self.compiled_step is not None and ids.shape[1] == self.full_step[0].size:
+            return self.compiled_step(ids, positions, cache, block_mask)
+        if self.step_forward is not None:
+            with gate_context(self.model, ids >= self.vocab_size, prepacked=True):
                 return self.step_forward(embed_tokens(self.model, ids), positions, cache, block_mask)
-            output = self.model.model(
-                inputs_embeds=embed_tokens(self.model, ids),
-                position_ids=positions,
-                **{self.cache_keyword: cache},
-                use_cache=True,
-                attention_mask=block_mask[None, None],  # a ready 4D mask: transformers builds none
-                mtp_step=cache.step_attention(block_mask),
-            )
-        return output.last_hidden_state
+        return run_decoder(self.model, self.cache_keyword, ids, positions, cache, block_mask, self.prepacked)
 
     # --- choosing tokens ------------------------------------------------------------------------------
 

@@ -135,4 +135,5 @@ def unpatch(model):
         delattr(model, name)
     if hasattr(model, "_mtp_checkpoint_functions"):  # set by training.enable_gradient_checkpointing
         del model._mtp_checkpoint_functions
+    model.__dict__.pop("mtp_compiled_step", None)  # set by compile_step
     return model

@@ -4,8 +4,8 @@
   once per forward, and every `GatedLoRALinear` of the model reads it. `gate=None` means no mask token in
   this forward: every linear is exactly its base layer. `prepacked=True` (decoding's forwards, once
   `cpu_linear.packing_applies`) runs the base products through oneDNN on prepacked weights
-  (`mtp_kernels.cpu_linear`), 1.5-3x faster for a step's few rows and equal to F.linear up to fp32
-  rounding; it is for inference only (no autograd).
+  (`mtp_kernels.cpu_linear`), faster for a step's few rows (benchmarks/bench_cpu_linear.py) and equal
+  to F.linear up to fp32 rounding; it is for inference only (no autograd).
 - `GatedLoRALinear(base, rank, alpha, context)`: `base(x) + alpha / rank * gate * B(A(x))`. Weights use
   peft's names (`lora_A.weight` [r, in], `lora_B.weight` [out, r], B zero-initialised) so adapters save
   and load in peft's layout. Its forward is the op `mtp_kernels.gated_lora_linear` (autograd included),

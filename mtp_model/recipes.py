@@ -49,12 +49,12 @@ _SMOLLM2_TRAIN = ("--num-masks", "8", "--rank", "16", "--alpha", "32", "--lr", "
                   "--draft-vocab", "16384", "--save-steps", "10")
 
 RECIPES = {
-    # Sized for about three hours of a 2-core CPU in all: ~1 h of distillation on an AVX2-only machine (the
-    # result is in data/), then ~30 s a training step there. The learning rate is constant after warm-up,
-    # so a resumed run with more --steps continues a shorter one exactly. Two stages: the paper's sampler
-    # learned far slower than the LoRA (after 70 steps its drafts were right 10% of the time at mask 1, the
-    # plain LM head on the same mask states 41%), so the second stage keeps the LoRA and switches to the
-    # residual sampler, which starts as that LM head (a new data order: seed 1).
+    # About four hours of a 2-core CPU in all: ~1 h of distillation on an AVX2-only machine, then 321
+    # training steps at ~30 s each there (data/ holds the results, resumable). The learning rate is
+    # constant after warm-up, so a resumed run with more --steps continues a shorter one exactly. Two
+    # stages: the paper's sampler learned far slower than the LoRA (after 70 steps its drafts were right
+    # 10% of the time at mask 1, the plain LM head on the same mask states 41%), so the second stage keeps
+    # the LoRA and switches to the residual sampler, which starts as that LM head (a new data order: seed 1).
     "smollm2-135m-instruct": Recipe(
         num_prompts=512,
         max_prompt_tokens=256,
@@ -62,7 +62,7 @@ RECIPES = {
         distill_batch=32,
         stages=(
             TrainingStage("stage1", (*_SMOLLM2_TRAIN, "--steps", "71", "--seed", "0")),
-            TrainingStage("adapter", (*_SMOLLM2_TRAIN, "--steps", "120", "--seed", "1", "--sampler-residual"),
+            TrainingStage("adapter", (*_SMOLLM2_TRAIN, "--steps", "250", "--seed", "1", "--sampler-residual"),
                           init_from="stage1"),
         ),
         generate_defaults=(1, "quadratic"),  # benchmarks/results/README.md: the fastest on the 2-core CPU

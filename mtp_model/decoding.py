@@ -260,14 +260,15 @@ def cache_keyword(decoder) -> str:
     return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
 
 
-def run_decoder(model, cache_keyword, ids, positions, cache, block_mask, prepacked=False):
+def run_decoder(model, cache_argument, ids, positions, cache, block_mask, prepacked=False):
     """The model's own decoder stack over [B, T] ids (masks included) at [B, T] positions, attending through
-    `cache` (an `MTPCache`) under the [T, T] `block_mask` -> last hidden states [B, T, d]."""
+    `cache` (an `MTPCache`, passed as `cache_argument`: `cache_keyword(model.model)`, found once by the
+    caller) under the [T, T] `block_mask` -> last hidden states [B, T, d]."""
     with gate_context(model, ids >= model.config.vocab_size, prepacked=prepacked):
         output = model.model(
             inputs_embeds=embed_tokens(model, ids),
             position_ids=positions,
-            **{cache_keyword: cache},
+            **{cache_argument: cache},
             use_cache=True,
             attention_mask=block_mask[None, None],  # a ready 4D mask: transformers builds none
             mtp_step=cache.step_attention(block_mask),

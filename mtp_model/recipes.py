@@ -31,6 +31,7 @@ class TrainingStage:
     out: str  # directory under the work directory; the last stage's adapter is the one shipped
     args: tuple[str, ...]  # `mtp train` options besides model, data, out and resume
     init_from: str | None = None  # an earlier stage's `out`, whose adapter this stage starts from
+    prompts: int | None = None  # trains on the replies to the first this many prompts (None: all of them)
 
 
 @dataclass(frozen=True)
@@ -49,21 +50,25 @@ _SMOLLM2_TRAIN = ("--num-masks", "8", "--rank", "16", "--alpha", "32", "--lr", "
                   "--draft-vocab", "16384", "--save-steps", "10")
 
 RECIPES = {
-    # About four hours of a 2-core CPU in all: ~1 h of distillation on an AVX2-only machine, then 321
-    # training steps at ~30 s each there (data/ holds the results, resumable). The learning rate is
-    # constant after warm-up, so a resumed run with more --steps continues a shorter one exactly. Two
-    # stages: the paper's sampler learned far slower than the LoRA (after 70 steps its drafts were right
-    # 10% of the time at mask 1, the plain LM head on the same mask states 41%), so the second stage keeps
-    # the LoRA and switches to the residual sampler, which starts as that LM head (a new data order: seed 1).
+    # Hours of a 2-core CPU (data/ holds each finished part, resumable): ~1 h of distillation per 512
+    # prompts on an AVX2-only machine, ~30 s per training step there. The learning rate is constant after
+    # warm-up, so a resumed run with more --steps continues a shorter one exactly. Three stages: the
+    # paper's sampler learned far slower than the LoRA (after 70 steps its drafts were right 10% of the
+    # time at mask 1, the plain LM head on the same mask states 41%), so the second stage keeps the LoRA
+    # and switches to the residual sampler, which starts as that LM head (a new data order: seed 1); its
+    # held-out tokens per step stopped rising in the 2nd-3rd pass over the first 512 replies, so the third
+    # continues it on twice as many.
     "smollm2-135m-instruct": Recipe(
-        num_prompts=512,
+        num_prompts=1024,
         max_prompt_tokens=256,
         distill_max_new_tokens=160,
         distill_batch=32,
         stages=(
-            TrainingStage("stage1", (*_SMOLLM2_TRAIN, "--steps", "71", "--seed", "0")),
-            TrainingStage("adapter", (*_SMOLLM2_TRAIN, "--steps", "250", "--seed", "1", "--sampler-residual"),
-                          init_from="stage1"),
+            TrainingStage("stage1", (*_SMOLLM2_TRAIN, "--steps", "71", "--seed", "0"), prompts=512),
+            TrainingStage("stage2", (*_SMOLLM2_TRAIN, "--steps", "250", "--seed", "1", "--sampler-residual"),
+                          init_from="stage1", prompts=512),
+            TrainingStage("adapter", (*_SMOLLM2_TRAIN, "--steps", "150", "--seed", "2", "--sampler-residual"),
+                          init_from="stage2"),
         ),
         generate_defaults=(1, "quadratic"),  # benchmarks/results/README.md: the fastest on the 2-core CPU
     ),
@@ -85,13 +90,13 @@ def training_prompts(tokenizer, recipe: Recipe) -> list[dict]:
     return chosen
 
 
-def _training_file(prompts_file: Path, distilled: Path, out: Path) -> Path:
-    """The distilled replies of exactly the recipe's prompts, in their order (a distillation file may hold
-    replies to prompts an older prompt list had)."""
+def _training_file(prompts_file: Path, distilled: Path, out: Path, count: int | None = None) -> Path:
+    """The distilled replies of exactly the recipe's prompts (the first `count` of them when given), in
+    their order (a distillation file may hold replies to prompts an older prompt list had)."""
     from mtp_model.data import iter_jsonl
 
     replies = {record["id"]: line for (_, record), line in zip(iter_jsonl(distilled), _lines(distilled))}
-    order = [record["id"] for _, record in iter_jsonl(prompts_file)]
+    order = [record["id"] for _, record in iter_jsonl(prompts_file)][:count]
     missing = [record_id for record_id in order if record_id not in replies]
     if missing:
         raise RuntimeError(f"{len(missing)} prompts of {prompts_file} have no distilled reply yet; run the distill "
@@ -118,8 +123,8 @@ def build_adapter(name: str, work: Path, stage: str = "all") -> Path | None:
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts_file = work / "prompts.jsonl"
-    if not prompts_file.is_file():
-        write_jsonl(prompts_file, training_prompts(tokenizer, recipe))
+    if not prompts_file.is_file() or sum(1 for _ in _lines(prompts_file)) != recipe.num_prompts:
+        write_jsonl(prompts_file, training_prompts(tokenizer, recipe))  # a longer list keeps a shorter as its prefix
     distilled = work / "distilled.jsonl"
     if stage in ("distill", "all"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -129,13 +134,13 @@ def build_adapter(name: str, work: Path, stage: str = "all") -> Path | None:
         del model
     if stage not in ("train", "all"):
         return None
-    train_file = _training_file(prompts_file, distilled, work / "train.jsonl")
     for training in recipe.stages:
         out = work / training.out
         if (out / WEIGHTS_FILE).is_file():
             continue  # finished by an earlier run (`mtp train` writes the adapter when it ends)
         resume = ["--resume"] if any((out / "checkpoints").glob("checkpoint-*")) else []
         init = [] if training.init_from is None else ["--init-from", str(work / training.init_from)]
+        train_file = _training_file(prompts_file, distilled, work / f"train-{training.out}.jsonl", training.prompts)
         train_main(["--model", str(model_dir), "--data", str(train_file), "--out", str(out), *training.args,
                     *init, *resume])
     shipped = SHIPPED_DIR / name

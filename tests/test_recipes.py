@@ -43,6 +43,8 @@ def test_the_training_file_holds_exactly_the_recipes_prompts(tmp_path):
     out = recipes._training_file(prompts, distilled, tmp_path / "train.jsonl")
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["p0", "p1", "p2"]
     assert [len(pair) for pair in data.read_jsonl(out)] == [3, 3, 3]  # (prompt, response, stopped)
+    first_two = recipes._training_file(prompts, distilled, tmp_path / "train-2.jsonl", count=2)
+    assert [json.loads(line)["id"] for line in first_two.read_text().splitlines()] == ["p0", "p1"]
     write_jsonl(distilled, replies[:2])
     with pytest.raises(RuntimeError, match="2 prompts of .* have no distilled reply yet"):
         recipes._training_file(prompts, distilled, tmp_path / "train.jsonl")
@@ -58,7 +60,7 @@ def test_training_stages_run_in_order_each_from_the_one_before_and_skip_when_don
     write_jsonl(work / "distilled.jsonl", [
         {"id": f"p{i}", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
          "stopped": True} for i in range(2)])
-    recipe = recipes.Recipe(2, 64, 4, 2, stages=(recipes.TrainingStage("one", ("--steps", "2")),
+    recipe = recipes.Recipe(2, 64, 4, 2, stages=(recipes.TrainingStage("one", ("--steps", "2"), prompts=1),
                                                  recipes.TrainingStage("two", ("--steps", "3"), init_from="one")))
     monkeypatch.setitem(recipes.RECIPES, "toy", recipe)
     monkeypatch.setattr(recipes, "model_directory", lambda name: model_dir)
@@ -76,10 +78,21 @@ def test_training_stages_run_in_order_each_from_the_one_before_and_skip_when_don
     shipped = recipes.build_adapter("toy", work, stage="train")
     assert [call[call.index("--out") + 1] for call in calls] == [str(work / "one"), str(work / "two")]
     assert "--init-from" not in calls[0] and calls[1][calls[1].index("--init-from") + 1] == str(work / "one")
+    trained_on = [Path(call[call.index("--data") + 1]).read_text().splitlines() for call in calls]
+    assert [len(lines) for lines in trained_on] == [1, 2]  # stage one: the first prompt's reply only
     assert (shipped / "adapter_model.safetensors").read_text() == str(work / "two")  # the last stage ships
     calls.clear()
     recipes.build_adapter("toy", work, stage="train")
     assert calls == []  # both finished: nothing reruns
+
+
+def test_a_longer_prompt_list_keeps_the_shorter_one_as_its_prefix(monkeypatch):
+    turns = [{"id": f"t{i}", "prompt": "w3 " * (1 + i % 5)} for i in range(40)]
+    monkeypatch.setattr("mtp_model.prompts.sharegpt_first_turns", lambda split: list(turns))
+    tokenizer = tiny_tokenizer()
+    short = recipes.training_prompts(tokenizer, recipes.Recipe(8, 64, 4, 2))
+    long = recipes.training_prompts(tokenizer, recipes.Recipe(16, 64, 4, 2))
+    assert len(short) == 8 and len(long) == 16 and long[:8] == short
 
 
 def test_every_recipe_stage_starts_from_an_earlier_one():

@@ -1,15 +1,12 @@
-"""prepacked_linear (oneDNN on a weight packed once) against F.linear (MKL) on the CPU, fp32, inference.
+"""prepacked_linear (oneDNN on a weight packed once) against F.linear (MKL) on the CPU, fp32, inference,
+and the ways the gated LoRA op's CPU path runs a decoding step's LoRA projection on packed weights.
 
 Shapes: the demo model's projections (256->768, 768->256) and LM head (256->4096), and a Llama-3-8B
-projection (4096->4096); rows 1 (plain decoding), 5, 25 and 81 (a verify step at 4 and 8 masks). On the
-project's 2-core EPYC, one thread: 25 x 256->768 takes 52 us prepacked against 107 us, 81 rows 134 against
-299; one row is faster through F.linear (11 against 18 us), which is why only MTP's forwards pack.
-The prepacked test's extra_info holds `vs_f_linear`: F.linear's median time over its own, timed back to
-back in the same test. The gated-LoRA pair times a decoding step's LoRA projection added (three more small
-ops) against merged into the weight (one product twice as wide), at 15-81 rows. Alone in this hot loop
-the merged one is slower except at 256->256 x 15 rows (34 against 32 us; 47 against 55 at 256->768);
-inside a decoding step it is the faster one up to 32 rows (`mtp_kernels/cpu_linear.py` has the A/B). The
-q/k/v pair times a layer's three merged products against one grouped product.
+projection (4096->4096); rows 1 (plain decoding), 5, 25 and 81 (a verify step at 4 and 8 masks). The
+prepacked test's extra_info holds `vs_f_linear`: F.linear's median time over its own, timed back to back in
+the same test. The gated-LoRA pair times a step's LoRA projection added (three more small ops) against
+merged into the weight (one product twice as wide), at 15-81 rows; the q/k/v pair a layer's three merged
+products against one grouped product. Numbers: benchmarks/results/README.md ("CPU GEMMs").
 """
 
 import itertools
@@ -19,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from common import median_seconds, run
 
-from mtp_kernels import cpu_linear, reference
+from mtp_kernels import cpu_linear
 from mtp_kernels.cpu_linear import prepacked_linear
 
 pytestmark = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN")
@@ -58,9 +55,9 @@ def test_prepacked_linear(benchmark, shape, rows):
 
 
 # A decoding step's gated LoRA linear (rank 32, LoRA on the rows from `gated_from` on), the two ways the
-# prepacked CPU path can run it: the base product plus the LoRA's own products, or one product against the
-# weight paired with its LoRA-merged copy. Rows: 7 masks linear (15), 4 and 5 masks quadratic (25, 36),
-# 8 quadratic (81); `merged_lora_applies` takes the merged way up to 32 rows.
+# op's CPU path can run it (`cpu_linear.gated_lora_on_packed`): the base product plus the LoRA's own
+# products, or one product against the weight paired with its LoRA-merged copy. Rows: 7 masks linear (15),
+# 4 and 5 masks quadratic (25, 36), 8 quadratic (81); `merged_lora_applies` takes the merged way up to 32.
 LORA_SHAPES = [(256, 256), (256, 768), (768, 256)]
 LORA_STEPS = [(15, 8), (25, 5), (36, 6), (81, 9)]  # (rows, gated_from)
 LORA_CASES = list(itertools.product(LORA_SHAPES, LORA_STEPS))
@@ -69,41 +66,32 @@ LORA_GRID = pytest.mark.parametrize(("shape", "step"), LORA_CASES,
 
 
 def lora_inputs(shape, step):
+    """x [rows, in], the gate [rows] (a step's masks last) and the member (weight, None, A, B, 2.0)."""
     (rows, gated_from), (in_features, out_features) = step, shape
     x, weight = inputs(shape, rows)
     generator = torch.Generator().manual_seed(in_features + out_features)
     lora_a = torch.randn(32, in_features, generator=generator) / in_features**0.5
     lora_b = torch.randn(out_features, 32, generator=generator) / 32**0.5
-    row_mask = (torch.arange(rows) >= gated_from).float()[:, None]
-    return x, weight, lora_a, lora_b, gated_from, row_mask
+    return x, torch.arange(rows) >= gated_from, (weight, None, lora_a, lora_b, 2.0)
 
 
-def lora_added(x, weight, lora_a, lora_b, row_mask):
-    return reference.add_masked_lora(cpu_linear.linear_on_packed(x, weight), x, lora_a, lora_b, 2.0, row_mask)
-
-
-@LORA_GRID
-def test_gated_lora_added(benchmark, shape, step):
-    x, weight, lora_a, lora_b, _, row_mask = lora_inputs(shape, step)
-    benchmark.group = f"gated LoRA {shape[0]}->{shape[1]}, {step[0]} rows"
-    with torch.no_grad():
-        run(benchmark, lora_added, x, weight, lora_a, lora_b, row_mask)
+def gated_lora(x, member, gate, merge):
+    return cpu_linear.gated_lora_on_packed(x, [member], gate, merge)[0]
 
 
 @LORA_GRID
-def test_gated_lora_merged(benchmark, shape, step):
-    x, weight, lora_a, lora_b, gated_from, row_mask = lora_inputs(shape, step)
+@pytest.mark.parametrize("merge", [False, True], ids=["added", "merged"])
+def test_gated_lora(benchmark, shape, step, merge):
+    x, gate, member = lora_inputs(shape, step)
     benchmark.group = f"gated LoRA {shape[0]}->{shape[1]}, {step[0]} rows"
-    merged = cpu_linear.gated_lora_on_packed
     with torch.no_grad():
-        torch.testing.assert_close(merged(x, weight, None, lora_a, lora_b, 2.0, gated_from),
-                                   lora_added(x, weight, lora_a, lora_b, row_mask), rtol=1e-4, atol=1e-3)
-        run(benchmark, merged, x, weight, None, lora_a, lora_b, 2.0, gated_from)
+        torch.testing.assert_close(gated_lora(x, member, gate, merge), gated_lora(x, member, gate, not merge),
+                                   rtol=1e-4, atol=1e-3)
+        run(benchmark, gated_lora, x, member, gate, merge)
 
 
 # A layer's q, k and v (the demo model's 256 -> 256, 128, 128, rank 32) over a 7-masks-linear step's 15 rows:
-# three merged products against one grouped product (`gated_lora_group_on_packed`), which pays a oneDNN
-# call's fixed cost (~10 us here) once instead of three times: 40 against 73 us on the project's 2-core EPYC.
+# three merged products against one grouped product, which pays a oneDNN call's fixed cost once.
 QKV_OUT_FEATURES = (256, 128, 128)
 
 
@@ -113,16 +101,21 @@ def qkv_members():
              torch.randn(out, 32, generator=generator) / 32**0.5, 2.0) for out in QKV_OUT_FEATURES]
 
 
-def qkv_one_by_one(x, members, gated_from):
-    return [cpu_linear.gated_lora_on_packed(x, *member, gated_from) for member in members]
+def qkv_one_by_one(x, members, gate):
+    return [gated_lora(x, member, gate, merge=True) for member in members]
+
+
+def qkv_grouped(x, members, gate):
+    return cpu_linear.gated_lora_on_packed(x, members, gate, merge=True)
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["three-products", "one-grouped-product"])
 def test_qkv_merged(benchmark, grouped):
-    x, members, gated_from = torch.randn(1, 15, 256, generator=torch.Generator().manual_seed(6)), qkv_members(), 8
+    x, members = torch.randn(1, 15, 256, generator=torch.Generator().manual_seed(6)), qkv_members()
+    gate = (torch.arange(15) >= 8)[None]
     benchmark.group = "q, k, v with merged LoRA, 256 -> 256 + 128 + 128, 15 rows"
-    product = cpu_linear.gated_lora_group_on_packed if grouped else qkv_one_by_one
+    product = qkv_grouped if grouped else qkv_one_by_one
     with torch.no_grad():
-        for got, want in zip(product(x, members, gated_from), qkv_one_by_one(x, members, gated_from)):
+        for got, want in zip(product(x, members, gate), qkv_one_by_one(x, members, gate)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        run(benchmark, product, x, members, gated_from)
+        run(benchmark, product, x, members, gate)

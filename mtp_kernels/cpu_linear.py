@@ -1,6 +1,7 @@
 """`prepacked_linear(x, weight, bias)`: `F.linear` for inference on the CPU through oneDNN, with the weight
-reordered once into oneDNN's blocked layout and kept; `gated_lora_on_packed`: a decoding step's gated LoRA
-linear as one such product (`gated_lora_group_on_packed`: several linears of one input as one product).
+reordered once into oneDNN's blocked layout and kept; `gated_lora_linear`: the gated LoRA op's CPU
+implementation on such weights; `gated_lora_on_packed`: the gated LoRA linears of one input (a layer's q,
+k and v) that way, as one product where the merged LoRA applies.
 
 Shapes: x [..., in] (any strides), weight [out, in], bias [out] | None -> [..., out], fp32.
 
@@ -16,12 +17,12 @@ packing does not apply: autograd on, a dtype other than fp32, a non-CPU tensor, 
 oneDNN disabled (`torch.backends.mkldnn.flags`) or missing from this torch build (one warning). Decoding
 asks `packing_applies` once per generate call and then calls `linear_on_packed`, which checks nothing.
 
-`gated_lora_on_packed(x, weight, bias, lora_a, lora_b, scaling, gated_from)`: the LoRA term added to the
-tokens from `gated_from` on (a step's mask tokens, which the step layout puts last) by one product against
-the packed pair [W; W + scaling B A], instead of the base product plus the LoRA's own three small ops. It
-reads twice the weights, so it pays only where a step's fixed per-op costs dominate: few rows
-(`merged_lora_applies`) and a model whose weights, doubled, stay near the cache (`merged_lora_fits`,
-decided by `patch`); a model that streams its weights from memory pays the doubled width in full.
+Merged LoRA (`gated_lora_on_packed(..., merge=True)`): the LoRA term of the gated rows (a step's mask
+tokens) by one product against the packed pair [W; W + scaling B A], each row keeping the half its gate
+selects, instead of the base product plus the LoRA's own three small ops. It reads twice the weights, so it
+pays only where a step's fixed per-op costs dominate: few rows and small weights (`merged_lora_applies`,
+which the op asks), and a model whose weights, doubled, stay near the cache (`merged_lora_fits`, which
+`step_forward` also asks); a model that streams its weights from memory pays the doubled width in full.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from mtp_kernels import backend
+from mtp_kernels import backend, reference
 from mtp_kernels.derived import derived
 
 # Where merging the LoRA into a second copy of the weight beats adding it (see gated_lora_on_packed): up to
@@ -42,6 +43,9 @@ MERGED_LORA_MAX_WEIGHT = 1 << 20
 # ... and only for models whose gated weights, doubled, stay near the last-level cache (32 MB of fp32): a
 # model that streams its weights from memory pays the doubled width in full at every step.
 MERGED_LORA_MAX_MODEL = 1 << 23
+# The gated LoRA op runs on packed weights up to this many rows (a decoding step's, a short prefill's);
+# longer inputs (long prompts, training batches) run F.linear, as fast there, without packed copies.
+PACKED_MAX_ROWS = 512
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,43 +103,49 @@ def merged_lora_applies(rows: int, weight_elements: int) -> bool:
     return rows <= MERGED_LORA_MAX_ROWS and weight_elements <= MERGED_LORA_MAX_WEIGHT
 
 
-def gated_lora_on_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                         lora_b: torch.Tensor, scaling: float, gated_from: int) -> torch.Tensor:
-    """`x W^T + b`, plus `scaling (x A^T) B^T` on the tokens at and after `gated_from` (x [..., T, in]), with
-    `linear_on_packed`'s preconditions. Returns [..., T, out], a view of a [..., T, 2 out] product.
+def gated_lora_on_packed(x: torch.Tensor, members, gate: torch.Tensor, merge: bool) -> list[torch.Tensor]:
+    """The gated LoRA linears of one x [..., T, in] under one gate [..., T] bool, members [(weight, bias,
+    lora_a, lora_b, scaling)] (a single linear; or a layer's q, k, v, or its gate and up): each member's
+    `x W^T + b + scaling * gate * (x A^T) B^T` [..., T, out_i], with `linear_on_packed`'s preconditions.
 
-    One product against the packed pair [W; W + scaling B A] (bias [b; b]) gives every token both its base
-    and its LoRA-merged output; the gated tokens' merged half is then copied over their base half: two ops
-    where adding the LoRA takes four, which pays inside a decoding step up to `merged_lora_applies`' size
-    (see the module docstring). The base half is the plain packed product, so ungated rows are what
-    `linear_on_packed` gives, up to oneDNN's blocking.
+    merge=False: each member's packed product plus its masked LoRA term. merge=True: one product against
+    the packed [W_1; ..; W_n; W_1 + s_1 B_1 A_1; ..] (biases [b; b]) gives every row both its base and its
+    LoRA-merged outputs, and each row keeps the half its gate selects: two ops for all members where adding
+    the LoRA takes four per member, which pays up to `merged_lora_applies`' size (module docstring).
+    Either way ungated rows are the plain packed product, up to oneDNN's blocking.
     """
-    return gated_lora_group_on_packed(x, [(weight, bias, lora_a, lora_b, scaling)], gated_from)[0]
-
-
-def gated_lora_group_on_packed(x: torch.Tensor, members, gated_from: int) -> list[torch.Tensor]:
-    """`gated_lora_on_packed` for several linears of the same x at once (a layer's q, k and v; its gate and
-    up), members [(weight, bias, lora_a, lora_b, scaling)]: one product against [W_1; ..; W_n; W_1 + s_1
-    B_1 A_1; ..] instead of n, since each oneDNN call has a fixed cost that shows on small models.
-    Returns each member's [..., T, out_i], views of one product.
-    """
+    if not merge:
+        row_mask = reference.lora_row_mask(gate, x.dtype)
+        return [reference.add_masked_lora(linear_on_packed(x, weight, bias), x, lora_a, lora_b, scaling, row_mask)
+                for weight, bias, lora_a, lora_b, scaling in members]
     sizes = [member[0].shape[0] for member in members]
     width = sum(sizes)
 
-    def merge():
+    def merge_weights():
         weights = [weight for weight, *_ in members]
         merged = [(weight.double() + scaling * (lora_b.double() @ lora_a.double())).to(weight.dtype)
                   for weight, _, lora_a, lora_b, scaling in members]
-        pair = torch.cat(weights + merged)
+        pair = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights + merged), None)
         if all(bias is None for _, bias, *_ in members):
-            return torch.ops.mkldnn._reorder_linear_weight(pair, None), None
+            return pair, None
         biases = [weight.new_zeros(weight.shape[0]) if bias is None else bias for weight, bias, *_ in members]
-        return torch.ops.mkldnn._reorder_linear_weight(pair, None), torch.cat(biases + biases)
+        return pair, torch.cat(biases + biases)
 
     sources = tuple(tensor for weight, bias, lora_a, lora_b, _ in members
                     for tensor in (weight, lora_a, lora_b, bias) if tensor is not None)
-    packed_pair, pair_bias = derived("merged-lora", sources, merge, *(member[4] for member in members))
+    packed_pair, pair_bias = derived("merged-lora", sources, merge_weights, *(member[4] for member in members))
     both = torch.ops.mkldnn._linear_pointwise(x, packed_pair, pair_bias, "none", [], "")
-    out = both[..., :width]
-    out[..., gated_from:, :].copy_(both[..., gated_from:, width:])
+    out = torch.where(gate[..., None], both[..., width:], both[..., :width])
     return [out] if len(members) == 1 else list(out.split(sizes, dim=-1))
+
+
+def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                      lora_b: torch.Tensor, scaling: float, gate: torch.Tensor) -> torch.Tensor | None:
+    """The gated LoRA op's CPU implementation on packed weights (`mtp_kernels.gated_lora_linear`, checked
+    inputs), or None where it does not apply: not fp32 CPU tensors with packing available, an x without
+    rows or features, or more than `PACKED_MAX_ROWS` rows."""
+    rows = x.numel() // x.shape[-1] if x.ndim >= 2 and x.shape[-1] > 0 else 0
+    if not 0 < rows <= PACKED_MAX_ROWS or weight.dtype != x.dtype or not packing_applies(x.device, x.dtype):
+        return None
+    merge = merged_lora_applies(rows, weight.numel())
+    return gated_lora_on_packed(x, [(weight, bias, lora_a, lora_b, scaling)], gate, merge)[0]

@@ -16,7 +16,8 @@ Programs whose slots lie past the gated count read only -1 and return at once: t
 Backward: torch matmuls with the gate as a row mask (training layouts gate most rows anyway).
 
 The torch custom op `mtp_kernels::gated_lora_linear` (fake implementation and autograd registered) runs
-this on CUDA tensors, and on CPU tensors the torch reference (`reference.gated_lora_linear`) or, with
+this on CUDA tensors; on CPU tensors oneDNN on packed weights for a decoding step's fp32 rows
+(`cpu_linear.gated_lora_linear`), else the torch reference (`reference.gated_lora_linear`), or, with
 `MTP_KERNELS=interpret`, these kernels in Triton's interpreter. Benchmark: `benchmarks/bench_gated_lora.py`.
 """
 
@@ -28,7 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mtp_kernels import backend, reference
+from mtp_kernels import backend, cpu_linear, reference
 from mtp_kernels.checks import FLOAT_DTYPES, check_dim, check_same_dtype, check_tensor
 
 if backend.HAS_TRITON:
@@ -172,8 +173,12 @@ def _lora_into(out2d, x2d, lora_a, lora_b, scaling, gate1d):
 
 
 def _forward(x, weight, bias, lora_a, lora_b, scaling, gate):
-    """The op on checked inputs: Triton on CUDA (and in the interpreter), the torch reference on the CPU."""
+    """The op on checked inputs: Triton on CUDA (and in the interpreter); on the CPU oneDNN on packed weights
+    where that applies (`cpu_linear.gated_lora_linear`), else the torch reference."""
     if not backend.use_triton(x):
+        packed = cpu_linear.gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate)
+        if packed is not None:
+            return packed
         return reference.gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate)
     # F.linear on x as given: a 1-D x takes a different BLAS path than a [1, in] one, and gate-0 rows
     # must match the caller's own F.linear(x, weight, bias) bit for bit.

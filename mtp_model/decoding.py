@@ -51,6 +51,7 @@ from mtp_model.attention import MTPCache
 from mtp_model.config import DECODING_MODES, check_int
 from mtp_model.layout import step_layout
 from mtp_model.model_helpers import embed_tokens, gate_context, sliding_window
+from mtp_model.modules import effective_gate
 from mtp_model.step_forward import StepForward
 
 # GenerationConfig fields MTP decoding implements with stock generation's meaning (docs/generate_contract.md).
@@ -260,11 +261,11 @@ def cache_keyword(decoder) -> str:
     return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
 
 
-def run_decoder(model, cache_argument, ids, positions, cache, block_mask, prepacked=False):
+def run_decoder(model, cache_argument, ids, positions, cache, block_mask):
     """The model's own decoder stack over [B, T] ids (masks included) at [B, T] positions, attending through
     `cache` (an `MTPCache`, passed as `cache_argument`: `cache_keyword(model.model)`, found once by the
     caller) under the [T, T] `block_mask` -> last hidden states [B, T, d]."""
-    with gate_context(model, ids >= model.config.vocab_size, prepacked=prepacked):
+    with gate_context(model, ids >= model.config.vocab_size):
         output = model.model(
             inputs_embeds=embed_tokens(model, ids),
             position_ids=positions,
@@ -302,8 +303,7 @@ class Decoder:
         self.mask_ids = self.vocab_size + torch.arange(num_masks, device=self.device)
         self.cache_keyword = cache_keyword(model.model)
         # Decided once per call, so that the projections of every forward skip prepacked_linear's checks.
-        self.prepacked = packing_applies(self.device, model.dtype)
-        self.step_forward = StepForward.build(model) if self.prepacked else None
+        self.step_forward = StepForward.build(model) if packing_applies(self.device, model.dtype) else None
         self.compiled_step = getattr(model, "mtp_compiled_step", None)  # `compile_step`: full steps only
 
     def step_shape(self, num_drafts):
@@ -318,9 +318,9 @@ class Decoder:
         if self.compiled_step is not None and ids.shape[1] == self.full_step[0].size:
             return self.compiled_step(ids, positions, cache, block_mask)
         if self.step_forward is not None:
-            with gate_context(self.model, ids >= self.vocab_size, prepacked=True):
-                return self.step_forward(embed_tokens(self.model, ids), positions, cache, block_mask)
-        return run_decoder(self.model, self.cache_keyword, ids, positions, cache, block_mask, self.prepacked)
+            gate = effective_gate(ids >= self.vocab_size)
+            return self.step_forward(embed_tokens(self.model, ids), positions, cache, block_mask, gate)
+        return run_decoder(self.model, self.cache_keyword, ids, positions, cache, block_mask)
 
     # --- choosing tokens ------------------------------------------------------------------------------
 

@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from mtp_model.cli import ArgumentParser, bold, bounded
-
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+from mtp_model.cli import DEMO_MODEL_DIR, ArgumentParser, bold, bounded
 SMOLLM2 = "smollm2-135m-instruct"
 CHAT_PROMPTS = [
     ("code", "Write a Python function that returns the n-th Fibonacci number, with a short docstring."),

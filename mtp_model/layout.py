@@ -11,7 +11,7 @@ mask tokens after some of them. Regular token g (anchor g = 0, draft g >= 1) sit
   (n+1)(k+1) tokens, so whichever draft is the last accepted, fresh drafts exist after it.
 - linear: [r0..rn, m1..mk], one block after the last draft (the paper's ablation).
 Without drafts (n = 0) both are [anchor, m1..mk]. The order of the block's tokens is free (positions and the
-block mask say who is where); regular tokens come first so that the mask tokens are one suffix.
+block mask say who is where); regular tokens come first, then the mask blocks.
 """
 
 from __future__ import annotations
@@ -53,8 +53,7 @@ def step_layout(num_drafts: int, num_masks: int, mode: str, device: torch.device
     if mode not in ("quadratic", "linear"):
         raise ValueError(f"decoding mode must be 'quadratic' or 'linear', got {mode!r}")
     with_masks = range(num_drafts + 1) if mode == "quadratic" else [num_drafts]
-    # (anchor g, mask number i), regular tokens first: every row's gated tokens are then one suffix of the
-    # block, which the CPU's merged-LoRA products rely on (`cpu_linear.gated_lora_on_packed`).
+    # (anchor g, mask number i), regular tokens first, then each mask block in anchor order.
     tokens = [(g, 0) for g in range(num_drafts + 1)]
     tokens += [(g, i) for g in with_masks for i in range(1, num_masks + 1)]
 

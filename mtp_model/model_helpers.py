@@ -56,11 +56,9 @@ def embed_tokens(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def gate_context(model, gate: torch.Tensor | None, prepacked: bool = False):
-    """Sets the gated-LoRA gate ([B, S] bool, True on mask tokens) for the forwards inside the block;
-    `prepacked` runs their base products on oneDNN's prepacked weights: inference only, for fp32 CPU
-    models where `mtp_kernels.cpu_linear.packing_applies`."""
-    model.mtp_gate.set(gate, prepacked)
+def gate_context(model, gate: torch.Tensor | None):
+    """Sets the gated-LoRA gate ([B, S] bool, True on mask tokens) for the forwards inside the block."""
+    model.mtp_gate.set(gate)
     try:
         yield
     finally:

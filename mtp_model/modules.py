@@ -2,18 +2,10 @@
 
 - `GateContext`: one per patched model; the model layer sets `gate` [B, S] bool (True on mask tokens)
   once per forward, and every `GatedLoRALinear` of the model reads it. `gate=None` means no mask token in
-  this forward: every linear is exactly its base layer. `prepacked=True` (decoding's forwards, once
-  `cpu_linear.packing_applies`) runs the base products through oneDNN on prepacked weights
-  (`mtp_kernels.cpu_linear`), faster for a step's few rows (benchmarks/bench_cpu_linear.py) and equal
-  to F.linear up to fp32 rounding; it is for inference only (no autograd).
+  this forward (`effective_gate`): every linear is exactly its base layer.
 - `GatedLoRALinear(base, rank, alpha, context)`: `base(x) + alpha / rank * gate * B(A(x))`. Weights use
   peft's names (`lora_A.weight` [r, in], `lora_B.weight` [out, r], B zero-initialised) so adapters save
-  and load in peft's layout. Its forward is the op `mtp_kernels.gated_lora_linear` (autograd included),
-  except in a `prepacked` forward: there a gate that is the same suffix of every row
-  (`GateContext.gated_from`: a decoding step's masks come last) over few rows runs each linear as one
-  product against its weight paired with its LoRA-merged copy (`cpu_linear.gated_lora_on_packed`), and
-  other gates the packed product plus the masked LoRA term. `gated_lora_prepacked` is that prepacked
-  product as a function of the weights, which `step_forward` calls without the module.
+  and load in peft's layout. Its forward is the op `mtp_kernels.gated_lora_linear` (autograd included).
 - `SamplerHead(hidden_size)`: `[embed(prev); z]` [N, 2d] -> Linear -> SiLU -> LayerNorm -> Linear -> SiLU
   -> LayerNorm -> [N, d] (with `residual`, z + a learned scale, from 0, times that); its output goes
   through the model's own LM head. `weights()` hands its tensors
@@ -30,8 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import mtp_kernels
-from mtp_kernels import reference
-from mtp_kernels.cpu_linear import gated_lora_on_packed, linear_on_packed, merged_lora_applies
 from mtp_kernels.sampler import SamplerWeights, sampler_body
 
 
@@ -40,40 +30,18 @@ class GateContext:
 
     def __init__(self):
         self.gate: torch.Tensor | None = None
-        self.prepacked = False
-        self.gated_from: int | None = None  # s when every row's gate is the same suffix [s, T) (prepacked only)
-        self.merge_allowed = True  # set by patch: the model is small enough for merged-LoRA products
-        self._row_mask: tuple | None = None  # (gate, input dtype, its row mask)
 
-    def set(self, gate: torch.Tensor | None, prepacked: bool = False) -> None:
-        # A gate with no mask token is the same as no gate; skipping LoRA then keeps the base path exact
-        # and free. A compiled graph cannot branch on the gate's values: it keeps the gate as given, and
-        # its LoRA adds exact zeros to ungated rows (finite adapters are checked at load).
-        if gate is not None and not torch.compiler.is_compiling() and not bool(gate.any()):
-            gate = None
-        self.gate = gate
-        self.prepacked = prepacked
-        self.gated_from = _suffix_start(self.gate) if prepacked and self.gate is not None else None
-
-    def merges_lora(self, rows: int, weight_elements: int) -> bool:
-        """Whether a prepacked linear of this forward runs as one product against its LoRA-merged pair."""
-        return self.gated_from is not None and self.merge_allowed and merged_lora_applies(rows, weight_elements)
-
-    def row_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """`reference.lora_row_mask(gate, dtype)`, converted once per gate instead of once per linear."""
-        # Keyed on the gate object, not on set(): activation checkpointing assigns `gate` directly.
-        cached = self._row_mask
-        if cached is None or cached[0] is not self.gate or cached[1] != dtype:
-            cached = self._row_mask = (self.gate, dtype, reference.lora_row_mask(self.gate, dtype))
-        return cached[2]
+    def set(self, gate: torch.Tensor | None) -> None:
+        self.gate = effective_gate(gate)
 
 
-def _suffix_start(gate: torch.Tensor) -> int | None:
-    """s where gate [..., T] is True exactly on positions s..T-1 of every row (a decoding step's mask tokens
-    come after its regular ones), else None."""
-    start = gate.shape[-1] - int(gate.reshape(-1, gate.shape[-1])[0].sum())
-    suffix = torch.arange(gate.shape[-1], device=gate.device) >= start
-    return start if bool((gate == suffix).all()) else None
+def effective_gate(gate: torch.Tensor | None) -> torch.Tensor | None:
+    """The gate a forward runs under: None when it holds no mask token, which keeps every linear exactly its
+    base layer, and for free. A compiled graph cannot branch on the gate's values: it keeps the gate as
+    given, and its LoRA adds exact zeros to ungated rows (finite adapters are checked at load)."""
+    if gate is not None and not torch.compiler.is_compiling() and not bool(gate.any()):
+        return None
+    return gate
 
 
 class GatedLoRALinear(nn.Module):
@@ -107,32 +75,14 @@ class GatedLoRALinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        context = self.context
-        gate = context.gate
+        gate = self.context.gate
         if gate is None:
             return self.base_layer(x)
-        base, lora_a, lora_b = self.base_layer.weight, self.lora_A.weight, self.lora_B.weight
-        if context.prepacked and base.dtype == torch.float32:  # a CPU decoding forward (see GateContext)
-            if gate.shape != x.shape[:-1]:
-                raise ValueError(f"gate has shape {tuple(gate.shape)} but x's leading shape is {tuple(x.shape[:-1])}")
-            return gated_lora_prepacked(x, base, self.base_layer.bias, lora_a, lora_b, self.scaling, context)
-        return mtp_kernels.gated_lora_linear(x, base, self.base_layer.bias, lora_a, lora_b, self.scaling, gate)
+        return mtp_kernels.gated_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
+                                             self.lora_B.weight, self.scaling, gate)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"
-
-
-def gated_lora_prepacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                         lora_b: torch.Tensor, scaling: float, context: GateContext) -> torch.Tensor:
-    """A gated LoRA linear in a prepacked forward (fp32 CPU decoding, no checks): the plain packed product
-    without a gate, one product against the LoRA-merged pair for a suffix gate over few rows, else the
-    packed product plus the masked LoRA term."""
-    if context.gate is None:
-        return linear_on_packed(x, weight, bias)
-    if context.merges_lora(x.numel() // x.shape[-1], weight.numel()):
-        return gated_lora_on_packed(x, weight, bias, lora_a, lora_b, scaling, context.gated_from)
-    out = linear_on_packed(x, weight, bias)
-    return reference.add_masked_lora(out, x, lora_a, lora_b, scaling, context.row_mask(x.dtype))
 
 
 class SamplerHead(nn.Module):

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mtp_kernels.cpu_linear import merged_lora_fits
 from mtp_model import adapter as adapter_io
 from mtp_model.attention import use_mtp_attention
 from mtp_model.config import MTPConfig
@@ -70,7 +69,6 @@ def patch(model, config: MTPConfig | None = None, adapter: str | Path | None = N
                 setattr(parent, child, GatedLoRALinear(module, config.lora_rank, config.lora_alpha, gate))
     if not originals:
         raise ValueError(f"no decoder projection matched target_modules {config.target_modules}")
-    gate.merge_allowed = merged_lora_fits(sum(module.weight.numel() for module in originals.values()))
 
     init_std = config.mask_init_std or _finite_std(model.get_input_embeddings().weight)
     if config.draft_vocab_size is not None and config.draft_vocab_size > model.config.vocab_size:

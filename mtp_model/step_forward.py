@@ -1,8 +1,9 @@
 """The decoder stack's forward for CPU decoding, written out: `StepForward.build(model)(embeds, positions,
-cache, block_mask) -> last hidden states`.
+cache, block_mask, gate) -> last hidden states`.
 
 Shapes: embeds [B, T, d] (mask tokens included), positions [B, T], cache an `MTPCache`, block_mask [T, T]
-bool; returns [B, T, d] after the final norm, as `model.model(...)` returns it through the MTP attention.
+bool, gate [B, T] bool (mask tokens) or None; returns [B, T, d] after the final norm, as `model.model(...)`
+returns it through the MTP attention.
 
 It computes what the modeling files of the families `patch` supports (Llama, Mistral, Qwen2, Qwen3)
 compute, in the same order: per layer RMSNorm; the q, k, v projections (with their biases where the model
@@ -10,8 +11,9 @@ has them) viewed [B, T, H, D]; Qwen3's per-head q and k norms; the rotary embedd
 sin from the model's own `rotary_emb`, so every rope type it knows); the step's keys and values written
 into the cache; SDPA under the step's visibility mask (grouped-query, the module's `scaling`); o_proj and
 the residual; RMSNorm, down(act(gate) * up) and the residual; then the final norm. Projections are the
-patch's gated LoRA products on prepacked weights, as in the module path, except that q, k and v (and gate
-and up) run as one product each (`cpu_linear.gated_lora_group_on_packed`) where the merged LoRA applies.
+patch's gated LoRA products on prepacked weights, as the op's CPU path runs them, except that q, k and v
+(and gate and up) run as one product each (`cpu_linear.gated_lora_on_packed`) where the merged LoRA
+applies, and merged LoRA only for models small enough (`cpu_linear.merged_lora_fits`).
 The hidden states and cache entries are those of the model's own forward to fp32 rounding (bit for bit on
 the project's machine: oneDNN sums each output the same way whatever the product's width).
 
@@ -35,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtp_kernels.cpu_linear import gated_lora_group_on_packed, linear_on_packed
+from mtp_kernels.cpu_linear import gated_lora_on_packed, linear_on_packed, merged_lora_applies, merged_lora_fits
 from mtp_kernels.tree_attention import visibility_mask
-from mtp_model.modules import GateContext, GatedLoRALinear, gated_lora_prepacked
+from mtp_model.modules import GatedLoRALinear
 
 # (transformers modeling module, decoder model class, decoder layer class) of the stock families.
 _STOCK_CLASSES = {
@@ -57,31 +59,34 @@ class _Projection:
     lora_b: torch.Tensor | None
     scaling: float
 
-    def __call__(self, x: torch.Tensor, context: GateContext) -> torch.Tensor:
-        if self.lora_a is None:
+    @property
+    def member(self) -> tuple:
+        return self.weight, self.bias, self.lora_a, self.lora_b, self.scaling
+
+    def __call__(self, x: torch.Tensor, gate: torch.Tensor | None, merge_allowed: bool) -> torch.Tensor:
+        if self.lora_a is None or gate is None:
             return linear_on_packed(x, self.weight, self.bias)
-        return gated_lora_prepacked(x, self.weight, self.bias, self.lora_a, self.lora_b, self.scaling, context)
+        merge = merge_allowed and merged_lora_applies(x.numel() // x.shape[-1], self.weight.numel())
+        return gated_lora_on_packed(x, [self.member], gate, merge)[0]
 
 
 @dataclass(frozen=True)
 class _ProjectionGroup:
     """Projections of one input (q, k, v; gate, up): one merged-LoRA product for all of them where that
-    applies and each has LoRA (`cpu_linear.gated_lora_group_on_packed`), else each on its own."""
+    applies and each has LoRA (`cpu_linear.gated_lora_on_packed`), else each on its own."""
 
     projections: tuple[_Projection, ...]
-    members: tuple | None  # (weight, bias, lora_a, lora_b, scaling) each; None unless all have LoRA
     weight_elements: int
 
     @classmethod
     def of(cls, *projections: _Projection) -> _ProjectionGroup:
-        with_lora = all(p.lora_a is not None for p in projections)
-        members = tuple((p.weight, p.bias, p.lora_a, p.lora_b, p.scaling) for p in projections) if with_lora else None
-        return cls(projections, members, sum(p.weight.numel() for p in projections))
+        return cls(projections, sum(p.weight.numel() for p in projections))
 
-    def __call__(self, x: torch.Tensor, context: GateContext) -> list[torch.Tensor]:
-        if self.members is not None and context.merges_lora(x.numel() // x.shape[-1], self.weight_elements):
-            return gated_lora_group_on_packed(x, self.members, context.gated_from)
-        return [projection(x, context) for projection in self.projections]
+    def __call__(self, x: torch.Tensor, gate: torch.Tensor | None, merge_allowed: bool) -> list[torch.Tensor]:
+        if (gate is not None and merge_allowed and all(p.lora_a is not None for p in self.projections)
+                and merged_lora_applies(x.numel() // x.shape[-1], self.weight_elements)):
+            return gated_lora_on_packed(x, [p.member for p in self.projections], gate, merge=True)
+        return [projection(x, gate, merge_allowed) for projection in self.projections]
 
 
 @dataclass(frozen=True)
@@ -108,15 +113,18 @@ class _Layer:
     head_dim: int
     scaling: float
 
+    def projections(self) -> tuple[_Projection, ...]:
+        return (*self.qkv.projections, self.o, *self.gate_up.projections, self.down)
+
 
 class StepForward:
     """One model's decoder stack, read once per generate call into plain tensors."""
 
-    def __init__(self, model, layers: list[_Layer], final_norm: _Norm):
-        self.context: GateContext = model.mtp_gate
+    def __init__(self, model, layers: list[_Layer], final_norm: _Norm, merge_allowed: bool):
         self.rotary = model.model.rotary_emb
         self.layers = layers
         self.final_norm = final_norm
+        self.merge_allowed = merge_allowed
 
     @classmethod
     def build(cls, model) -> StepForward | None:
@@ -133,11 +141,14 @@ class StepForward:
             return None
         if not hasattr(decoder, "rotary_emb"):
             return None
-        return cls(model, layers, final_norm)
+        gated_weights = sum(p.weight.numel() for layer in layers for p in layer.projections() if p.lora_a is not None)
+        return cls(model, layers, final_norm, merged_lora_fits(gated_weights))
 
-    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, cache, block_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, cache, block_mask: torch.Tensor,
+                 gate: torch.Tensor | None) -> torch.Tensor:
+        """gate: [B, T] bool, True on mask tokens, or None when the step has none (`effective_gate`)."""
         B, T, _ = embeds.shape
-        context = self.context
+        merge = self.merge_allowed
         cos, sin = self.rotary(embeds, positions)  # [B, T, D]
         half = cos.shape[-1] // 2
         # rotate_half(x) * sin = roll(x, half) * sin with its first half negated: one roll per tensor instead of
@@ -149,7 +160,7 @@ class StepForward:
         hidden = embeds
         for layer, cache_layer in zip(self.layers, cache.layers):
             x = layer.input_norm(hidden)
-            q, k, v = (t.view(B, T, -1, layer.head_dim) for t in layer.qkv(x, context))
+            q, k, v = (t.view(B, T, -1, layer.head_dim) for t in layer.qkv(x, gate, merge))
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             keys, values = cache_layer.write(_rotate(k, cos, sin), v, index)
@@ -157,10 +168,10 @@ class StepForward:
                 _rotate(q, cos, sin).transpose(1, 2), keys[:, :, :live], values[:, :, :live], attn_mask=mask,
                 scale=layer.scaling, enable_gqa=q.shape[2] != k.shape[2],
             )
-            hidden = hidden + layer.o(attended.transpose(1, 2).reshape(B, T, -1), context)
+            hidden = hidden + layer.o(attended.transpose(1, 2).reshape(B, T, -1), gate, merge)
             x = layer.post_norm(hidden)
-            gate, up = layer.gate_up(x, context)
-            hidden = hidden + layer.down(layer.act(gate) * up, context)
+            gate_proj, up = layer.gate_up(x, gate, merge)
+            hidden = hidden + layer.down(layer.act(gate_proj) * up, gate, merge)
         return self.final_norm(hidden)
 
 

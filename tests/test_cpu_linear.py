@@ -104,7 +104,7 @@ def test_decoding_runs_its_projections_prepacked_and_ordinary_forwards_do_not(mo
         model(ids)
     assert not calls
     model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert calls and not model.mtp_gate.prepacked  # the decoding forwards packed; the flag does not leak
+    assert calls
     assert any(weight is model.lm_head.weight for weight in calls)  # verification and drafts too
     calls.clear()
     monkeypatch.setenv(backend.ENV_VAR, "reference")
@@ -112,54 +112,65 @@ def test_decoding_runs_its_projections_prepacked_and_ordinary_forwards_do_not(mo
     assert not calls  # the reference mode decodes through F.linear
 
 
-def fp64_gated_lora(x, weight, bias, lora_a, lora_b, scaling, gated_from):
+def fp64_gated_lora(x, weight, bias, lora_a, lora_b, scaling, gate):
     lora = scaling * (x.double() @ lora_a.double().t()) @ lora_b.double().t()
-    gated = (torch.arange(x.shape[-2]) >= gated_from)[:, None]
-    return fp64_linear(x, weight, bias) + gated * lora
+    return fp64_linear(x, weight, bias) + gate[..., None] * lora
 
 
-@pytest.mark.parametrize(("lead", "gated_from"), [((9,), 4), ((1, 15), 8), ((3, 16), 4), ((2, 5), 0), ((1, 6), 6)])
+def suffix_gate(lead, gated_from):
+    return (torch.arange(lead[-1]) >= gated_from).expand(lead)
+
+
+GATES = [((9,), suffix_gate((9,), 4)), ((1, 15), suffix_gate((1, 15), 8)), ((3, 16), suffix_gate((3, 16), 4)),
+         ((2, 5), suffix_gate((2, 5), 0)), ((1, 6), suffix_gate((1, 6), 6)),
+         ((2, 7), torch.tensor([[0, 1, 0, 1, 1, 0, 1], [1, 0, 0, 0, 1, 1, 0]], dtype=torch.bool))]
+
+
+@pytest.mark.parametrize(("lead", "gate"), GATES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_merged_lora_matches_a_float64_gated_lora(lead, gated_from, with_bias):
-    torch.manual_seed(len(lead) + gated_from)
+@pytest.mark.parametrize("merge", [False, True])
+def test_gated_lora_on_packed_matches_a_float64_gated_lora(lead, gate, with_bias, merge):
+    torch.manual_seed(len(lead) + int(gate.sum()))
     x = torch.randn(*lead, 40)
     weight, lora_a, lora_b = torch.randn(24, 40), torch.randn(6, 40), torch.randn(24, 6)
     bias = torch.randn(24) if with_bias else None
     with torch.no_grad():
-        out = cpu_linear.gated_lora_on_packed(x, weight, bias, lora_a, lora_b, 0.5, gated_from)
+        (out,) = cpu_linear.gated_lora_on_packed(x, [(weight, bias, lora_a, lora_b, 0.5)], gate, merge)
+        base = prepacked_linear(x, weight, bias)
     assert out.shape == (*lead, 24)
-    expected = fp64_gated_lora(x, weight, bias, lora_a, lora_b, 0.5, gated_from)
+    expected = fp64_gated_lora(x, weight, bias, lora_a, lora_b, 0.5, gate)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
     # The ungated rows are the packed base product itself.
-    with torch.no_grad():
-        base = prepacked_linear(x, weight, bias)
-    torch.testing.assert_close(out[..., :gated_from, :], base[..., :gated_from, :], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[~gate], base[~gate], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("gated_from", [0, 3, 7])
-def test_grouped_merged_lora_matches_each_member(gated_from):
+@pytest.mark.parametrize("merge", [False, True])
+def test_grouped_gated_lora_matches_each_member(gated_from, merge):
     torch.manual_seed(gated_from)
     x = torch.randn(2, 7, 40)
+    gate = suffix_gate((2, 7), gated_from)
     members = [(torch.randn(out, 40), torch.randn(out) if with_bias else None, torch.randn(4, 40),
                 torch.randn(out, 4), scaling)
                for out, with_bias, scaling in [(24, True, 0.5), (8, False, 2.0), (16, True, 1.0)]]
     with torch.no_grad():
-        outs = cpu_linear.gated_lora_group_on_packed(x, members, gated_from)
+        outs = cpu_linear.gated_lora_on_packed(x, members, gate, merge)
     assert [tuple(out.shape) for out in outs] == [(2, 7, 24), (2, 7, 8), (2, 7, 16)]
     for out, (weight, bias, lora_a, lora_b, scaling) in zip(outs, members):
-        expected = fp64_gated_lora(x, weight, bias, lora_a, lora_b, scaling, gated_from)
+        expected = fp64_gated_lora(x, weight, bias, lora_a, lora_b, scaling, gate)
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_the_merged_weight_follows_its_lora_factors():
     x = torch.randn(7, 12)
+    gate = suffix_gate((7,), 3)
     weight, lora_a, lora_b = torch.randn(10, 12), torch.randn(3, 12), torch.zeros(10, 3)
     with torch.no_grad():
-        before = cpu_linear.gated_lora_on_packed(x, weight, None, lora_a, lora_b, 2.0, 3)
+        (before,) = cpu_linear.gated_lora_on_packed(x, [(weight, None, lora_a, lora_b, 2.0)], gate, merge=True)
         torch.testing.assert_close(before, prepacked_linear(x, weight))  # B = 0: no LoRA yet
         lora_b.normal_()  # a training step, in place
-        after = cpu_linear.gated_lora_on_packed(x, weight, None, lora_a, lora_b, 2.0, 3)
-    torch.testing.assert_close(after.double(), fp64_gated_lora(x, weight, None, lora_a, lora_b, 2.0, 3),
+        (after,) = cpu_linear.gated_lora_on_packed(x, [(weight, None, lora_a, lora_b, 2.0)], gate, merge=True)
+    torch.testing.assert_close(after.double(), fp64_gated_lora(x, weight, None, lora_a, lora_b, 2.0, gate),
                                rtol=1e-5, atol=1e-4)
 
 
@@ -168,21 +179,32 @@ def test_the_merged_weight_is_freed_with_any_of_its_sources():
     weight, lora_a, lora_b = torch.randn(10, 12), torch.randn(3, 12), torch.randn(10, 3)
     key = derived.cache_key("merged-lora", (weight, lora_a, lora_b), 2.0)
     with torch.no_grad():
-        cpu_linear.gated_lora_on_packed(x, weight, None, lora_a, lora_b, 2.0, 1)
+        cpu_linear.gated_lora_on_packed(x, [(weight, None, lora_a, lora_b, 2.0)], suffix_gate((4,), 1), merge=True)
     assert key in derived._cache
     del lora_b  # an adapter's factor replaced or unloaded: its merged copy must not outlive it
     gc.collect()
     assert key not in derived._cache
 
 
+def spy_on_merges(monkeypatch, module):
+    """Records the row count of every merged product `module` runs through `gated_lora_on_packed`."""
+    rows = []
+    original = module.gated_lora_on_packed
+
+    def spy(x, members, gate, merge):
+        if merge:
+            rows.append(x.shape[-2])
+        return original(x, members, gate, merge)
+
+    monkeypatch.setattr(module, "gated_lora_on_packed", spy)
+    return rows
+
+
 def test_decoding_merges_lora_for_short_steps_only(monkeypatch):
     """Linear decoding with 2 masks feeds 5 tokens a step, 3 without drafts (merged, as is the prefill's
     4 + 2); quadratic with 5 masks, 36 (not merged; its prefill's 4 + 5 is)."""
     model = mtp_model.patch(tiny_model(), mtp_model.MTPConfig(num_masks=5, lora_rank=4))
-    rows = []
-    original = cpu_linear.gated_lora_on_packed
-    monkeypatch.setattr(modules, "gated_lora_on_packed",
-                        lambda x, *args: rows.append(x.shape[-2]) or original(x, *args))
+    rows = spy_on_merges(monkeypatch, step_forward)
     ids = torch.tensor([[5, 6, 7, 8]])
     model.generate(ids, max_new_tokens=6, do_sample=False, num_masks=2, decoding="linear")
     assert {5, 6} <= set(rows) <= {3, 5, 6}
@@ -191,26 +213,25 @@ def test_decoding_merges_lora_for_short_steps_only(monkeypatch):
     assert set(rows) == {9}
 
 
-@pytest.mark.parametrize(
-    ("gate", "suffix"),
-    [
-        ([[False, False, True, True, True]], 2),  # a step's masks after its regular tokens: merged
-        ([[False, True, True, True, True], [False, True, True, True, True]], 1),
-        ([[False, True, False, True, True]], None),  # not a suffix: the LoRA on its own
-        ([[False, False, True, True, True], [False, True, True, True, True]], None),  # rows disagree
-    ],
-)
-def test_a_prepacked_gated_linear_gives_the_gated_lora_whatever_the_gate(gate, suffix):
-    torch.manual_seed(6)
+@pytest.mark.parametrize(("rows", "merged"), [(5, True), (40, False), (cpu_linear.PACKED_MAX_ROWS + 1, None)])
+@pytest.mark.parametrize("suffix", [True, False])
+def test_the_gated_lora_op_runs_on_packed_weights_for_a_steps_rows(monkeypatch, rows, merged, suffix):
+    """The op's CPU path: merged LoRA for a few rows, the packed product plus the LoRA term for more, the
+    reference past `PACKED_MAX_ROWS`; the gated LoRA whatever the gate, within fp32 rounding of fp64."""
+    torch.manual_seed(rows)
+    calls = []
+    original = cpu_linear.gated_lora_on_packed
+    monkeypatch.setattr(cpu_linear, "gated_lora_on_packed",
+                        lambda x, members, gate, merge: calls.append(merge) or original(x, members, gate, merge))
     context = modules.GateContext()
     linear = modules.GatedLoRALinear(torch.nn.Linear(20, 12), rank=4, alpha=8, context=context)
     torch.nn.init.normal_(linear.lora_B.weight)
-    gate = torch.tensor(gate)
-    x = torch.randn(*gate.shape, 20)
-    context.set(gate, prepacked=True)
-    assert context.gated_from == suffix
+    gate = suffix_gate((1, rows), rows // 2) if suffix else torch.rand(1, rows) < 0.5
+    x = torch.randn(1, rows, 20)
+    context.set(gate)
     with torch.no_grad():
         out = linear(x)
+    assert calls == ([] if merged is None else [merged])
     lora = linear.scaling * (x.double() @ linear.lora_A.weight.double().t()) @ linear.lora_B.weight.double().t()
     expected = fp64_linear(x, linear.weight, linear.bias) + gate[..., None] * lora
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
@@ -219,17 +240,14 @@ def test_a_prepacked_gated_linear_gives_the_gated_lora_whatever_the_gate(gate, s
 def test_a_model_too_large_for_the_cache_never_merges(monkeypatch):
     """Merged products double the weights a step reads: only models whose gated weights, doubled, stay
     near the last-level cache use them (the 4M demo model does, SmolLM2-135M does not)."""
-    merged = []
-    for module, name in ((modules, "gated_lora_on_packed"), (step_forward, "gated_lora_group_on_packed")):
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *args, original=original: merged.append(1) or original(*args))
+    merged = spy_on_merges(monkeypatch, step_forward)
     ids = torch.tensor([[5, 6, 7, 8]])
     small = randomize_adapter(mtp_model.patch(tiny_model(), mtp_model.MTPConfig(num_masks=3, lora_rank=4)))
     small.generate(ids, max_new_tokens=8, decoding="linear")
-    assert small.mtp_gate.merge_allowed and merged  # the spies see merged products where they apply
+    assert step_forward.StepForward.build(small).merge_allowed and merged  # merged products where they apply
     merged.clear()
     monkeypatch.setattr(cpu_linear, "MERGED_LORA_MAX_MODEL", 1000)
     large = randomize_adapter(mtp_model.patch(tiny_model(), mtp_model.MTPConfig(num_masks=3, lora_rank=4)))
-    assert not large.mtp_gate.merge_allowed
+    assert not step_forward.StepForward.build(large).merge_allowed
     stock = type(large).generate(large, ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(large.generate(ids, max_new_tokens=8, decoding="linear"), stock) and not merged

@@ -177,8 +177,8 @@ def test_a_decoding_step_forward_compiles_with_fullgraph(monkeypatch):
     """A quadratic verify step's whole forward on a tiny patched Llama (the gate, transformers' decoder stack,
     the MTPCache writes, the tree attention and gated LoRA ops) as one graph, equal to eager.
 
-    MTP_KERNELS=reference keeps it off the CPU's fp32 prepacked path (StepForward: oneDNN packed weights
-    found by data pointer, the suffix-gate test, the memoised visibility mask), which branches on data."""
+    MTP_KERNELS=reference keeps the decoder off `StepForward` (the CPU's fp32 written-out forward, which
+    finds packed weights by data pointer and memoises its visibility mask: eager only)."""
     from helpers import randomize_adapter, tiny_model
 
     import mtp_model
@@ -188,7 +188,7 @@ def test_a_decoding_step_forward_compiles_with_fullgraph(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "reference")
     model = randomize_adapter(mtp_model.patch(tiny_model("llama"), mtp_model.MTPConfig(num_masks=3)))
     decoder = Decoder(model, num_masks=3, mode="quadratic", use_sampler=True, params=GREEDY, generator=None)
-    assert not decoder.prepacked
+    assert decoder.step_forward is None
     B, P = 2, 5
     layout, template = decoder.full_step
     cache = MTPCache(len(model.model.layers), B, P + layout.size + 3, torch.device("cpu"))

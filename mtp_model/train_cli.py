@@ -72,7 +72,8 @@ def train_main(argv: list[str] | None = None) -> int:
     from mtp_model.adapter import load_config, warm_start
     from mtp_model.data import most_frequent_tokens, read_jsonl, self_distill, tokenize_pairs
     from mtp_model.model_helpers import sliding_window
-    from mtp_model.training import LossWeights, MTPDataCollator, MTPTrainer, enable_gradient_checkpointing
+    from mtp_model.training import (LossWeights, MTPDataCollator, MTPTrainer, enable_gradient_checkpointing,
+                                    end_distributed_process)
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -143,11 +144,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if trainer.args.should_save:
         mtp_model.save_adapter(model, out)
         print(f"mtp train: adapter written to {out}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Under torchrun: left to the interpreter's exit, gloo's worker threads can abort the process; the
-        # barrier first, so no rank tears down while another is still in a collective.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_distributed_process()
     return 0
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 
@@ -327,3 +328,20 @@ class MTPTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
         load_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+
+def end_distributed_process() -> None:
+    """Ends a process of a torchrun job once everything it makes is written; nothing when not under one.
+
+    A barrier first, so that no rank leaves while another is still in a collective; then the process exits
+    at once, skipping the interpreter's teardown, because gloo's teardown deadlocks now and then:
+    destroying the last reference to a `ProcessGroupGloo` (the DDP reducer's, as the Trainer goes) joins its
+    worker threads while the caller holds the GIL, and a worker thread releasing a finished collective, whose
+    tensors Python owns, waits for that GIL (both stacks in benchmarks/results/README.md, "The DDP hang");
+    left to the interpreter's exit, those threads can also abort the process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import counting_examples, randomize_adapter, tiny_model  # noqa: E402
 
 import mtp_model  # noqa: E402
-from mtp_model.training import MTPDataCollator, MTPTrainer  # noqa: E402
+from mtp_model.training import MTPDataCollator, MTPTrainer, end_distributed_process  # noqa: E402
 
 
 def trainable(model):
@@ -45,11 +45,7 @@ def main(out: Path):
     trainer.train()
     assert trainer.args.world_size == 2, trainer.args.world_size
     save_file(trainable(model), out / f"rank{rank}.safetensors")
-    # Left to the interpreter's exit, gloo's worker threads can abort the process (SIGABRT, "terminate
-    # called without an active exception"; seen once in a CI run). Without the barrier, tearing down
-    # while the other rank was still in a collective hung once.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_distributed_process()  # as `mtp train` ends: gloo's own teardown can deadlock (its docstring)
 
 
 if __name__ == "__main__":

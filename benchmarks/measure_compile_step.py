@@ -5,10 +5,10 @@
 
 One process: the model with its shipped adapter at the adapter's generate defaults, greedy, batch 1, on
 three prompts (the first public prompt of each domain for a chat model, held-out prompts for the demo
-model). The first pass through `mtp_model.compile_step(model)` (inductor, `dynamic=True`) pays the
-compilation, a second one shows any recompilation; then `--repeats` rounds alternate stock greedy, the
-eager MTP step and the compiled one, and the medians of the rounds are reported with every output
-checked against stock greedy's.
+model). The first pass through `mtp_model.compile_step(model)` (inductor, `dynamic=True`; `--freezing`
+adds inductor's freezing) pays the compilation, a second one shows any recompilation; then `--repeats`
+rounds alternate stock greedy, the eager MTP step and the compiled one, and the medians of the rounds are
+reported with every output checked against stock greedy's.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="demo-model", help="demo-model or a known model's name")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--freezing", action="store_true",
+                        help="compile with inductor's freezing (packs the weights; bakes them into the graph)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -75,7 +77,8 @@ def main(argv=None) -> dict:
         tokens += model.mtp_stats["tokens"]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled_step = mtp_model.compile_step(model).mtp_compiled_step
+    compile_options = {"options": {"freezing": True}} if args.freezing else {}
+    compiled_step = mtp_model.compile_step(model, **compile_options).mtp_compiled_step
     first_pass, outputs = timed(mtp)
     second_pass, _ = timed(mtp)
     identical = all(torch.equal(a, b) for a, b in zip(outputs, expected))
@@ -93,6 +96,7 @@ def main(argv=None) -> dict:
     median = {name: statistics.median(values) for name, values in rounds.items()}
     result = {
         "model": args.model, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "freezing": args.freezing,
         "mtp_steps": steps, "mtp_tokens": tokens, "identical_to_stock": identical,
         "first_compiled_pass_s": round(first_pass, 1), "second_compiled_pass_s": round(second_pass, 1),
         "graphs_after_warm_up": graphs_after_warm_up,

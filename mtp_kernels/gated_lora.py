@@ -18,7 +18,8 @@ Backward: torch matmuls with the gate as a row mask (training layouts gate most 
 The torch custom op `mtp_kernels::gated_lora_linear` (fake implementation and autograd registered) runs
 this on CUDA tensors; on CPU tensors oneDNN on packed weights for a decoding step's fp32 rows
 (`cpu_linear.gated_lora_linear`), else the torch reference (`reference.gated_lora_linear`), or, with
-`MTP_KERNELS=interpret`, these kernels in Triton's interpreter. Benchmark: `benchmarks/bench_gated_lora.py`.
+`MTP_KERNELS=interpret`, these kernels in Triton's interpreter. Under torch.compile, the public function
+hands CPU tensors' work to the compiler as the reference's torch ops rather than as the opaque op. Benchmark: `benchmarks/bench_gated_lora.py`.
 """
 
 from __future__ import annotations
@@ -258,6 +259,10 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, gate):
 def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, gate):
     """`F.linear(x, weight, bias)`, plus `scaling * (x A^T) B^T` on the rows of x whose gate is set."""
     _check_inputs(x, weight, bias, lora_a, lora_b, gate)
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        # Traced as torch ops, which inductor fuses (and, with freezing, packs for oneDNN), where an opaque
+        # op call per projection would cost a Python dispatch each (results README, "The compiled step").
+        return reference.gated_lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), gate)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
     if not needs_grad and backend.eager(x):

@@ -9,9 +9,13 @@ the number of masks and the cache's capacity (which grows with what a call keeps
 do not each cost a compilation. The compiled step computes what the eager step computes, so output stays
 stock output.
 
+On the CPU the gated LoRA projections enter the graph as torch ops (`mtp_kernels.gated_lora_linear`
+traces its reference there), which inductor fuses; `options={"freezing": True}` also lets it pack the
+weights for oneDNN, but bakes them into the graph: after changing any weight, call `compile_step` again.
+
 Why opt-in: compilation costs minutes on a small CPU, paid once per process and shape family, and on the
-CPU the eager path (oneDNN on prepacked weights and `step_forward`) is the faster one; what each costs is
-in benchmarks/results/README.md ("The compiled step"). `compile_step(model, enabled=False)` (or
+CPU the eager path (oneDNN on prepacked weights and `step_forward`) is still the faster one; what each
+costs is in benchmarks/results/README.md ("The compiled step"). `compile_step(model, enabled=False)` (or
 `unpatch`) drops it.
 """
 

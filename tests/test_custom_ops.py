@@ -137,7 +137,13 @@ def test_each_public_function_compiles_with_fullgraph(monkeypatch, case):
     torch._dynamo.reset()
     compiled = torch.compile(function, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        assert same(compiled(*args), function(*args))
+        got, want = compiled(*args), function(*args)
+    if case.startswith("gated_lora"):
+        # Compiled, a CPU gated LoRA is traced as the reference's torch ops (MKL); eager runs oneDNN on
+        # packed weights: the same sums, to fp32 rounding.
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert same(got, want)
 
 
 def test_gated_lora_gradients_through_a_compiled_graph():
@@ -152,7 +158,8 @@ def test_gated_lora_gradients_through_a_compiled_graph():
         t.grad = None
     function(*args).backward(grad_out)
     for have, want in zip(got, (x.grad, lora_a.grad, lora_b.grad)):
-        assert torch.equal(have, want)
+        # compiled: the reference's torch ops and their autograd; eager: the op's own backward
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
 
 
 def test_ops_compose_in_one_compiled_graph():

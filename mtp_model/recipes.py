@@ -67,7 +67,7 @@ RECIPES = {
             TrainingStage("stage1", (*_SMOLLM2_TRAIN, "--steps", "71", "--seed", "0"), prompts=512),
             TrainingStage("stage2", (*_SMOLLM2_TRAIN, "--steps", "250", "--seed", "1", "--sampler-residual"),
                           init_from="stage1", prompts=512),
-            TrainingStage("adapter", (*_SMOLLM2_TRAIN, "--steps", "150", "--seed", "2", "--sampler-residual"),
+            TrainingStage("adapter", (*_SMOLLM2_TRAIN, "--steps", "130", "--seed", "2", "--sampler-residual"),
                           init_from="stage2"),
         ),
         generate_defaults=(1, "quadratic"),  # benchmarks/results/README.md: the fastest on the 2-core CPU

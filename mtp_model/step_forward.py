@@ -59,15 +59,15 @@ class _Projection:
     lora_b: torch.Tensor | None
     scaling: float
 
-    @property
     def member(self) -> tuple:
+        """(weight, bias, lora_a, lora_b, scaling), as `cpu_linear.gated_lora_on_packed` takes each linear."""
         return self.weight, self.bias, self.lora_a, self.lora_b, self.scaling
 
     def __call__(self, x: torch.Tensor, gate: torch.Tensor | None, merge_allowed: bool) -> torch.Tensor:
         if self.lora_a is None or gate is None:
             return linear_on_packed(x, self.weight, self.bias)
         merge = merge_allowed and merged_lora_applies(x.numel() // x.shape[-1], self.weight.numel())
-        return gated_lora_on_packed(x, [self.member], gate, merge)[0]
+        return gated_lora_on_packed(x, (self.member(),), gate, merge)[0]
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,18 @@ class _ProjectionGroup:
     applies and each has LoRA (`cpu_linear.gated_lora_on_packed`), else each on its own."""
 
     projections: tuple[_Projection, ...]
+    members: tuple | None  # each projection's `member()`, read once; None unless all have LoRA
     weight_elements: int
 
     @classmethod
     def of(cls, *projections: _Projection) -> _ProjectionGroup:
-        return cls(projections, sum(p.weight.numel() for p in projections))
+        members = tuple(p.member() for p in projections) if all(p.lora_a is not None for p in projections) else None
+        return cls(projections, members, sum(p.weight.numel() for p in projections))
 
     def __call__(self, x: torch.Tensor, gate: torch.Tensor | None, merge_allowed: bool) -> list[torch.Tensor]:
-        if (gate is not None and merge_allowed and all(p.lora_a is not None for p in self.projections)
+        if (gate is not None and merge_allowed and self.members is not None
                 and merged_lora_applies(x.numel() // x.shape[-1], self.weight_elements)):
-            return gated_lora_on_packed(x, [p.member for p in self.projections], gate, merge=True)
+            return gated_lora_on_packed(x, self.members, gate, merge=True)
         return [projection(x, gate, merge_allowed) for projection in self.projections]
 
 

@@ -21,6 +21,10 @@ import torch
 from mtp_model.cli import ArgumentParser, bounded, model_dir, read_or_exit
 
 
+# --lr-schedule -> the Trainer's scheduler; each warms up linearly over --warmup-steps first
+LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="mtp train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=model_dir,
@@ -33,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=bounded(float, 0, low_open=True), default=2e-4)
     parser.add_argument("--steps", type=bounded(int, 1), default=1000)
     parser.add_argument("--warmup-steps", type=bounded(int, 0), default=0)
+    parser.add_argument("--lr-schedule", choices=sorted(LR_SCHEDULES), default="constant",
+                        help="learning rate after warm-up: constant (the paper), or decaying to 0 at --steps")
     parser.add_argument("--batch", type=bounded(int, 1), default=8, help="sequences per device per step")
     parser.add_argument("--grad-accum", type=bounded(int, 1), default=1)
     parser.add_argument("--max-length", type=bounded(int, 2), default=1024,
@@ -120,7 +126,7 @@ def train_main(argv: list[str] | None = None) -> int:
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
         warmup_steps=args.warmup_steps,
-        lr_scheduler_type="constant_with_warmup",  # the paper: flat after warm-up
+        lr_scheduler_type=LR_SCHEDULES[args.lr_schedule],
         logging_steps=max(1, min(50, args.steps // 20)),
         save_steps=args.save_steps,
         save_total_limit=2,

@@ -157,3 +157,20 @@ def test_a_continuation_cut_at_its_budget_gets_no_eos():
     model.generation_config.eos_token_id = greedy[stop]  # a model that stops where it said greedy[stop]
     [(_, response, stopped)] = self_distill(model, tokenizer, [("w1 w2", "")], max_new_tokens=8)
     assert stopped and response == tokenizer.decode(greedy[:stop])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_schedule_sets_the_learning_rate_after_warm_up(tmp_path, schedule):
+    model_dir = saved_tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", counting_records(8))
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--num-masks", "2",
+                 "--rank", "4", "--batch", "2", "--lr", "1e-3", "--steps", "4", "--warmup-steps", "1",
+                 "--lr-schedule", schedule]) == 0
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    rates = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
+    assert len(rates) == 4
+    if schedule == "constant":
+        assert rates[1:] == pytest.approx([1e-3] * 3)
+    else:  # decays to 0 at the last step
+        assert all(later < earlier for earlier, later in zip(rates[1:], rates[2:])) and rates[1] <= 1e-3

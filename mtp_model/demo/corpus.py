@@ -10,8 +10,8 @@ pretraining never reads) and "heldout" (files and problems disjoint from both). 
 function's first lines -> its body, a problem -> its worked solution, a docstring's first sentence -> the
 rest) of the adapter split for self-distillation and of the held-out split for evaluation. The adapter
 split matters: self-distilled on text the base model has memorised, the drafts learn to recall that text,
-while on new prompts the model says something else (held-out code drafted 3.0 tokens per step at 8
-masks against 4.1 on memorised prompts).
+while on new prompts the model says something else (`benchmarks/results/README.md`, "The demo model's
+build").
 
 Every pair is cut where the byte-level pre-tokenizer cuts the joined text (the prompt never ends in
 whitespace; the response carries the leading space or newline), so the prompt and the response tokenized

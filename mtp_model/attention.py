@@ -50,7 +50,7 @@ class MTPCacheLayer(CacheLayerMixin):
     """One decoder layer's preallocated K/V; the lengths live in the owning `MTPCache`."""
 
     is_sliding = False
-    is_compileable = False
+    is_compileable = True  # its writes trace under torch.compile(fullgraph=True): `compile_step` compiles through them
 
     def __init__(self, owner: MTPCache):
         super().__init__()

@@ -66,8 +66,8 @@ if backend.HAS_TRITON:
                         other=0.0)
             a = tl.load(a_ptr + ranks[None, :] * stride_am + cols[:, None], mask=rank_ok[None, :] & col_ok[:, None],
                         other=0.0)
-            if UPCAST:
-                acc = tl.dot(x.to(ACC), a.to(ACC), acc, input_precision="ieee")
+            if UPCAST:  # out_dtype named: before Triton 3.7 it defaults to fp32, which an fp64 acc refuses
+                acc = tl.dot(x.to(ACC), a.to(ACC), acc, input_precision="ieee", out_dtype=ACC)
             else:
                 acc = tl.dot(x, a, acc)
         tl.store(xa_ptr + split * stride_xas + slots[:, None] * stride_xam + ranks[None, :], acc,
@@ -100,7 +100,7 @@ if backend.HAS_TRITON:
             b = tl.load(b_ptr + cols[None, :] * stride_bn + ranks[:, None], mask=col_ok[None, :] & rank_ok[:, None],
                         other=0.0)
             if UPCAST:
-                delta = tl.dot(xa, b.to(ACC), delta, input_precision="ieee")
+                delta = tl.dot(xa, b.to(ACC), delta, input_precision="ieee", out_dtype=ACC)
             else:  # tensor cores take x A^T rounded to the weights' dtype, as peft's LoRA forward does
                 delta = tl.dot(xa.to(b.dtype), b, delta)
         out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]

@@ -48,6 +48,7 @@ def check_target(benchmark, name: str, value: float, limit: float, higher_is_bet
     asserts its target: a smoke run (`--benchmark-disable`) or a CPU run records without judging."""
     benchmark.extra_info[name] = value
     benchmark.extra_info[f"{name}_target"] = f"{'>=' if higher_is_better else '<='} {limit}"
+    print(f"\ntarget {benchmark.name}: {name} = {value:.3f}, target {'>=' if higher_is_better else '<='} {limit}")
     if ON_GPU and benchmark.enabled:
         met = value >= limit if higher_is_better else value <= limit
         assert met, f"{name} = {value:.3f}, target {'>=' if higher_is_better else '<='} {limit}"

@@ -2,11 +2,12 @@
 
     python benchmarks/measure_compile_step.py --model demo-model --out benchmarks/results/compile_step_demo_cpu.json
     python benchmarks/measure_compile_step.py --model smollm2-135m-instruct --out ...
+    python benchmarks/measure_compile_step.py --device cuda --mode reduce-overhead --out ...  # CUDA graphs
 
 One process: the model with its shipped adapter at the adapter's generate defaults, greedy, batch 1, on
 three prompts (the first public prompt of each domain for a chat model, held-out prompts for the demo
 model). The first pass through `mtp_model.compile_step(model)` (inductor, `dynamic=True`; `--freezing`
-adds inductor's freezing) pays the compilation, a second one shows any recompilation; then `--repeats`
+adds inductor's freezing; `--mode reduce-overhead` asks for CUDA graphs on a GPU) pays the compilation, a second one shows any recompilation; then `--repeats`
 rounds alternate stock greedy, the eager MTP step and the compiled one, and the medians of the rounds are
 reported with every output checked against stock greedy's.
 """
@@ -39,6 +40,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--freezing", action="store_true",
                         help="compile with inductor's freezing (packs the weights; bakes them into the graph)")
+    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -54,8 +57,9 @@ def main(argv=None) -> dict:
     model_dir = DEMO_MODEL_DIR if demo else model_directory(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model = mtp_model.patch(model, adapter=DEMO_MODEL_DIR / "adapter" if demo else args.model)
-    prompts = _prompts(tokenizer, model_dir)
+    model = mtp_model.patch(model, adapter=DEMO_MODEL_DIR / "adapter" if demo else args.model).to(args.device)
+    prompts = [ids.to(args.device) for ids in _prompts(tokenizer, model_dir)]
+    synchronize = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     stock_generate = type(model).generate
 
     def stock(ids):
@@ -65,8 +69,10 @@ def main(argv=None) -> dict:
         return model.generate(ids, max_new_tokens=args.max_new_tokens)
 
     def timed(run):
+        synchronize()
         start = time.perf_counter()
         outputs = [run(ids) for ids in prompts]
+        synchronize()
         return time.perf_counter() - start, outputs
 
     _, expected = timed(stock)
@@ -78,6 +84,8 @@ def main(argv=None) -> dict:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compile_options = {"options": {"freezing": True}} if args.freezing else {}
+    if args.mode:
+        compile_options["mode"] = args.mode
     compiled_step = mtp_model.compile_step(model, **compile_options).mtp_compiled_step
     first_pass, outputs = timed(mtp)
     second_pass, _ = timed(mtp)
@@ -96,7 +104,7 @@ def main(argv=None) -> dict:
     median = {name: statistics.median(values) for name, values in rounds.items()}
     result = {
         "model": args.model, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-        "freezing": args.freezing,
+        "freezing": args.freezing, "mode": args.mode, "device": str(model.device),
         "mtp_steps": steps, "mtp_tokens": tokens, "identical_to_stock": identical,
         "first_compiled_pass_s": round(first_pass, 1), "second_compiled_pass_s": round(second_pass, 1),
         "graphs_after_warm_up": graphs_after_warm_up,
@@ -107,7 +115,8 @@ def main(argv=None) -> dict:
         "compiled_over_eager": round(median["compiled"] / median["eager"], 3),
         "stock_over_eager": round(median["stock"] / median["eager"], 3),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "threads": torch.get_num_threads()},
+                    "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if model.device.type == "cuda" else None},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     print(json.dumps(result, indent=1))

@@ -186,6 +186,20 @@ def _row_and_dim_blocks(N: int, D: int, on_cuda: bool, max_rows: int) -> tuple[i
     return min(max_rows, 16 if N <= 16 else 64 if N <= 64 else 128), 64
 
 
+def _choice_blocks(N: int, D: int, on_cuda: bool, dtype: torch.dtype, sample: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_D) of the choice kernel: rows, vocabulary entries and hidden dims per tile.
+    On CUDA the largest tiles that ptxas fits in registers at 4 warps for sm_90 (none spill in 16-bit
+    types, a few words in fp32; `benchmarks/kernel_resources.py`): a [BLOCK_N, BLOCK_V] fp32 logit tile,
+    and with sampling its noise tile beside it."""
+    if not on_cuda:  # interpreter: few programs, big tiles
+        return max(16, min(64, triton.next_power_of_2(N))), 256, max(16, min(128, triton.next_power_of_2(D)))
+    if dtype in (torch.float32, torch.float64):
+        return (16, 32, 64) if N <= 16 else (32, 32, 64)
+    if N <= 16:
+        return 16, 64 if sample else 128, 64
+    return (32, 64, 64) if N <= 32 else (64, 32, 64)
+
+
 def _launch_options(hidden) -> dict:
     return {"ROUND_TO": _ROUND_TO[hidden.dtype],
             # fp32/fp64, and every dtype in the interpreter (bf16 arithmetic on raw bits), multiply in fp32.
@@ -195,8 +209,7 @@ def _launch_options(hidden) -> dict:
 def _fused_choice(hidden, weight, temperature, noise):
     N, D = hidden.shape
     V = weight.shape[0]
-    block_n, block_d = _row_and_dim_blocks(N, D, hidden.is_cuda, max_rows=128)
-    block_v = 256 if not hidden.is_cuda else 128 if block_n < 128 else 64
+    block_n, block_v, block_d = _choice_blocks(N, D, hidden.is_cuda, hidden.dtype, noise is not None)
     splits, tiles_per_split = _vocab_splits(N, triton.cdiv(V, block_v), block_n, hidden.is_cuda)
     best_key = torch.empty(N, splits, device=hidden.device, dtype=torch.float32)
     best_index = torch.empty(N, splits, device=hidden.device, dtype=torch.int32)

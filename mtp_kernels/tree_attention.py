@@ -150,23 +150,27 @@ if backend.HAS_TRITON:
         stride_ob, stride_oh, stride_ot,
         NUM_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """Rescales each split's (max, sum, acc) to the common maximum and normalises: one row per
-        (batch, head, query), rows_total = B * H * T of them."""
+        """Combines the splits' (max, sum, acc) with the online-softmax rescaling, one split at a time, and
+        normalises: one row per (batch, head, query), rows_total = B * H * T of them. A loop rather than an
+        unrolled one, which would hold every split's tile in registers at once."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < rows_total
         dims = tl.arange(0, BLOCK_D)
         ok = row_ok[:, None] & (dims < D)[None, :]
         m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        for split in tl.static_range(NUM_SPLITS):
-            m = tl.maximum(m, tl.load(part_max_ptr + split * rows_total + rows, mask=row_ok, other=float("-inf")))
-        m_safe = tl.where(m == float("-inf"), 0.0, m)  # no split saw anything
         total = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        for split in tl.static_range(NUM_SPLITS):
+        for split in range(NUM_SPLITS):
             part = split * rows_total + rows
-            weight = tl.exp2(tl.load(part_max_ptr + part, mask=row_ok, other=float("-inf")) - m_safe)
-            total += weight * tl.load(part_sum_ptr + part, mask=row_ok, other=0.0)
-            acc += weight[:, None] * tl.load(part_acc_ptr + part[:, None] * D + dims[None, :], mask=ok, other=0.0)
+            m_part = tl.load(part_max_ptr + part, mask=row_ok, other=float("-inf"))
+            m_new = tl.maximum(m, m_part)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet by any split
+            keep = tl.exp2(m - m_safe)
+            weight = tl.exp2(m_part - m_safe)
+            total = total * keep + weight * tl.load(part_sum_ptr + part, mask=row_ok, other=0.0)
+            acc = acc * keep[:, None] + weight[:, None] * tl.load(part_acc_ptr + part[:, None] * D + dims[None, :],
+                                                                  mask=ok, other=0.0)
+            m = m_new
         out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
         batch = rows // (H * T)
         head = (rows // T) % H
@@ -280,12 +284,16 @@ def _split_plan(programs: int, num_slots: int, block_n: int) -> tuple[int, int]:
     return triton.cdiv(num_slots, split_size), split_size
 
 
-def _block_sizes(rows: int, head_dim: int, on_cuda: bool) -> tuple[int, int, int]:
+def _block_sizes(rows: int, head_dim: int, on_cuda: bool, wide: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D): (query, head) rows and keys per tile. On CUDA the largest tiles that ptxas
+    fits in registers at 4 warps for sm_90 (no spills; `benchmarks/kernel_resources.py`); `wide` (fp32)
+    tiles hold twice the bytes."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if not on_cuda:  # the interpreter's cost is per program and per op: few, large tiles
         return max(16, min(128, triton.next_power_of_2(rows))), 64, block_d
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 or block_d > 128 else 64
-    return block_m, (32 if block_d > 128 else 64), block_d
+    if block_d > 128:
+        return (16, 16, block_d) if wide else (16, 32, block_d) if rows <= 16 else (32, 16, block_d)
+    return (16, 64, block_d) if wide or rows <= 16 else (32, 32, block_d)
 
 
 def _attention(q, k, v, lengths, block_mask, scale, starts):
@@ -299,7 +307,7 @@ def _attention(q, k, v, lengths, block_mask, scale, starts):
     out = torch.empty_like(q)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    block_m, block_n, block_d = _block_sizes(T * group, D, q.is_cuda)
+    block_m, block_n, block_d = _block_sizes(T * group, D, q.is_cuda, q.dtype in (torch.float32, torch.float64))
     row_blocks = triton.cdiv(T * group, block_m)
     num_splits, split_size = _split_plan(row_blocks * B * Hkv, k.shape[2], block_n)
     if num_splits > 1:

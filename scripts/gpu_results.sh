@@ -12,10 +12,12 @@
 #   tests     tests.log: the whole test suite, on 8 workers
 #   bench     benchmarks.json + bench.log: the whole grid, `pytest benchmarks --benchmark-only` (499
 #             benchmarks: about 10 minutes on an H200, more than one device call leaves after the others)
-#   eval      demo_eval_gpu.json / .png + eval.log: `mtp eval` of the shipped demo model on the GPU
+#   eval      demo_eval_gpu.json / .png + eval.log: `mtp eval` of the shipped demo model on the GPU, 3
+#             prompts per domain at 4 and 8 masks (the full sweep at 5 prompts outran 170 s there)
 #   compile   compile_step_demo_gpu*.json + compile*.log: the compiled step against eager on the GPU
 #             (inductor, then CUDA graphs)
-#   all       every stage in this order
+#   all       every stage in this order: more than one 10-minute device call; on a fresh machine run
+#             `env build gputests targets` in one call and `build eval compile tests` in the next
 # Each stage runs under a time limit (STAGE_TIMEOUT seconds, default 300; the build BUILD_TIMEOUT, 240),
 # so that one slow stage still leaves the others their turn inside one device call; at the limit a stage
 # gets SIGINT first, so that pytest still prints what failed so far. A first Triton compile of each kernel
@@ -119,7 +121,8 @@ print("mtp_kernels._C: the CUDA kv_compact is registered")'
       adapter=$(mktemp -d)
       cp -r mtp_model/demo_model/adapter/. "$adapter/"
       run_stage eval eval.log "$LIMIT" "$PY" -m mtp_model.cli eval --model mtp_model/demo_model --adapter "$adapter" \
-        --device cuda --prompts mtp_model/demo_model/heldout.jsonl --per-domain 5 --out "$out/demo_eval_gpu.json"
+        --device cuda --prompts mtp_model/demo_model/heldout.jsonl --per-domain 3 --masks 4,8 --repeats 1 \
+        --out "$out/demo_eval_gpu.json"
       rm -rf "$adapter" ;;
     compile)
       run_stage compile compile.log "$LIMIT" "$PY" benchmarks/measure_compile_step.py --device cuda \

@@ -5,10 +5,16 @@ runs on a CUDA tensor) run on fake CUDA tensors (FakeTensorMode: shapes, dtypes 
 so their own GPU launch planning (block sizes, splits, upcasting) picks the configurations; each launch is
 recorded instead of run, then compiled for sm_90. This checks what the interpreter cannot: the compiled
 path's types, layouts and resource limits. (Through `torch.ops`, fake tensors would reach the ops' fake
-implementations, which launch nothing.)
+implementations, which launch nothing.) Register spills, which ptxas reports and which make a kernel slow
+rather than wrong, are checked for the tree-attention and choice kernels, whose tiles were chosen to fit
+(the gated-LoRA tiles at ranks above 64 still spill: benchmarks/results/README.md).
 """
 
 import importlib
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +137,52 @@ def test_top_k_sampler_compiles(recorded_launches, dtype, rows, top_k):
     # The candidate kernel alone: the torch finish after it branches on data, which fake tensors do not have.
     _top_k_candidates(cuda(rows, 4096, dtype=dtype), cuda(32000, 4096, dtype=dtype), 0.7, top_k)
     compile_all(recorded_launches)
+
+
+def spill_store_bytes(binary):
+    """Bytes of spill stores ptxas reports for a compiled kernel, asked as Triton asks it (same ptxas, same
+    options); None where this Triton does not say which ptxas it uses."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(H100.arch).path
+    except (ImportError, TypeError, AttributeError):
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = Path(folder) / "kernel.ptx"
+        ptx.write_text(binary.asm["ptx"])
+        report = subprocess.run(
+            [ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(ptx), "-o", str(ptx) + ".o"],
+            capture_output=True, text=True, check=True).stderr
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
+
+
+# Every branch of the two tile tables: (op, dtype, rows or queries, head dim / hidden size, extra).
+SPILL_CASES = [
+    ("tree", torch.bfloat16, 1, 128, 32768), ("tree", torch.bfloat16, 81, 128, 2048), ("tree", torch.bfloat16, 5, 128, 300),
+    ("tree", torch.bfloat16, 1, 256, 300), ("tree", torch.bfloat16, 9, 256, 300), ("tree", torch.float32, 81, 64, 700),
+    ("tree", torch.float32, 1, 128, 2100), ("tree", torch.float32, 9, 256, 90),
+    ("choice", torch.bfloat16, 1, 4096, False), ("choice", torch.bfloat16, 1, 4096, True),
+    ("choice", torch.float16, 20, 2048, True), ("choice", torch.bfloat16, 512, 2048, True),
+    ("choice", torch.float32, 8, 4096, False), ("choice", torch.float32, 64, 4096, True),
+]
+
+
+@pytest.mark.parametrize(("op", "dtype", "rows", "dim", "extra"), SPILL_CASES)
+def test_tiles_fit_in_registers(recorded_launches, op, dtype, rows, dim, extra):
+    """No spills in 16-bit types, a few words at most in fp32, whose tiles hold twice the bytes: a tile that
+    spills runs from local memory, however right."""
+    if op == "tree":  # extra: cache slots; 8 query heads over 2 KV heads
+        lengths = cuda(2, dtype=torch.int64)
+        tree_attention(cuda(2, 8, rows, dim, dtype=dtype), cuda(2, 2, extra, dim, dtype=dtype),
+                       cuda(2, 2, extra, dim, dtype=dtype), lengths, cuda(rows, rows, dtype=torch.bool), dim**-0.5, lengths)
+    else:  # extra: sampling (noise) or greedy
+        vocab = 32000
+        _choose(cuda(rows, dim, dtype=dtype), cuda(vocab, dim, dtype=dtype), 0.7 if extra else 0.0, None, None,
+                cuda(rows, vocab) if extra else None, False)
+    limit = 0 if dtype.itemsize == 2 else 64
+    for kernel, _, args, kwargs in recorded_launches:
+        spilled = spill_store_bytes(compile_for_h100(kernel, args, kwargs))
+        if spilled is None:
+            pytest.skip("this Triton does not name its ptxas")
+        assert spilled <= limit, f"{kernel.__name__} spills {spilled} bytes a thread"

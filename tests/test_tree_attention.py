@@ -66,6 +66,20 @@ def test_matches_float64_reference(kernel_mode, dtype, D, T, mask):
     check_close(out, q, k, v, lengths, block_mask, starts)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("D", "T", "Hq"), [(256, 9, 4), (256, 1, 8), (64, 81, 8), (128, 1, 4), (128, 5, 8), (80, 25, 4)])
+def test_gpu_tiles_through_the_interpreter(monkeypatch, dtype, D, T, Hq):
+    """The tile sizes a GPU launch picks (every branch of `_block_sizes`), run by the interpreter: the CPU
+    tests otherwise see only the interpreter's own tiles."""
+    monkeypatch.setenv("MTP_KERNELS", "interpret")
+    gpu_tiles = tree_attention_module._block_sizes
+    monkeypatch.setattr(tree_attention_module, "_block_sizes", lambda rows, d, on_cuda, wide: gpu_tiles(rows, d, True, wide))
+    q, k, v, lengths, starts = random_inputs(2, Hq, 2, T, D, T + 70, dtype, seed=D * T)
+    block_mask = quadratic_mask(8) if T == 81 else torch.ones(T, T, dtype=torch.bool).tril()
+    check_close(mtp_kernels.tree_attention(q, k, v, lengths, block_mask, None, starts), q, k, v, lengths, block_mask,
+                starts)
+
+
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_grouped_query_heads(kernel_mode, group):
     q, k, v, lengths, _ = random_inputs(2, 2 * group, 2, 9, 64, 30, torch.float32, seed=group)

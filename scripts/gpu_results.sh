@@ -22,6 +22,9 @@
 # so that one slow stage still leaves the others their turn inside one device call; at the limit a stage
 # gets SIGINT first, so that pytest still prints what failed so far. A first Triton compile of each kernel
 # variant costs seconds on a fresh machine: the gpu tests took over 4 minutes there (2026-12-04).
+# The device tool sends at most 64 MiB of working tree, and data/ makes this repository larger: leave it out
+# of the copy for the call (`git rm -r -q --cached data && echo /data/ >> .git/info/exclude`), and put it
+# back afterwards (`git reset -q data`, then delete that line of .git/info/exclude).
 # Usage: scripts/gpu_results.sh STAGE... [--out OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -60,7 +60,7 @@ RECIPES = {
     # continues it on twice as many, and the fourth anneals the third's adapter (the learning rate decays
     # linearly to 0), which the constant rate had left flat (benchmarks/results/README.md).
     "smollm2-135m-instruct": Recipe(
-        num_prompts=1024,
+        num_prompts=1536,  # the last 512 distilled for a next stage; the shipped adapter read the first 1024
         max_prompt_tokens=256,
         distill_max_new_tokens=160,
         distill_batch=32,
@@ -69,9 +69,9 @@ RECIPES = {
             TrainingStage("stage2", (*_SMOLLM2_TRAIN, "--steps", "250", "--seed", "1", "--sampler-residual"),
                           init_from="stage1", prompts=512),
             TrainingStage("stage3", (*_SMOLLM2_TRAIN, "--steps", "400", "--seed", "2", "--sampler-residual"),
-                          init_from="stage2"),
+                          init_from="stage2", prompts=1024),
             TrainingStage("adapter", (*_SMOLLM2_TRAIN, "--steps", "100", "--seed", "3", "--sampler-residual",
-                                      "--lr-schedule", "linear"), init_from="stage3"),
+                                      "--lr-schedule", "linear"), init_from="stage3", prompts=1024),
         ),
         generate_defaults=(2, "quadratic"),  # benchmarks/results/README.md: the fastest on the 2-core CPU
     ),

@@ -157,7 +157,8 @@ def spill_store_bytes(binary):
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
 
 
-# Every branch of the two tile tables: (op, dtype, rows or queries, head dim / hidden size, extra).
+# Every branch of the two tile tables, and the top-k candidate kernel: (op, dtype, rows or queries, head
+# dim / hidden size, extra).
 SPILL_CASES = [
     ("tree", torch.bfloat16, 1, 128, 32768), ("tree", torch.bfloat16, 81, 128, 2048), ("tree", torch.bfloat16, 5, 128, 300),
     ("tree", torch.bfloat16, 1, 256, 300), ("tree", torch.bfloat16, 9, 256, 300), ("tree", torch.float32, 81, 64, 700),
@@ -165,6 +166,7 @@ SPILL_CASES = [
     ("choice", torch.bfloat16, 1, 4096, False), ("choice", torch.bfloat16, 1, 4096, True),
     ("choice", torch.float16, 20, 2048, True), ("choice", torch.bfloat16, 512, 2048, True),
     ("choice", torch.float32, 8, 4096, False), ("choice", torch.float32, 64, 4096, True),
+    ("top_k", torch.bfloat16, 1, 4096, 50), ("top_k", torch.float16, 64, 4096, 8),
 ]
 
 
@@ -176,6 +178,8 @@ def test_tiles_fit_in_registers(recorded_launches, op, dtype, rows, dim, extra):
         lengths = cuda(2, dtype=torch.int64)
         tree_attention(cuda(2, 8, rows, dim, dtype=dtype), cuda(2, 2, extra, dim, dtype=dtype),
                        cuda(2, 2, extra, dim, dtype=dtype), lengths, cuda(rows, rows, dtype=torch.bool), dim**-0.5, lengths)
+    elif op == "top_k":  # extra: top_k
+        _top_k_candidates(cuda(rows, dim, dtype=dtype), cuda(32000, dim, dtype=dtype), 0.7, extra)
     else:  # extra: sampling (noise) or greedy
         vocab = 32000
         _choose(cuda(rows, dim, dtype=dtype), cuda(vocab, dim, dtype=dtype), 0.7 if extra else 0.0, None, None,

@@ -109,6 +109,8 @@ def main(argv=None) -> dict:
         "first_compiled_pass_s": round(first_pass, 1), "second_compiled_pass_s": round(second_pass, 1),
         "graphs_after_warm_up": graphs_after_warm_up,
         "graphs_in_all": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        # With --mode reduce-overhead: graphs inductor ran without CUDA graphs (its log says why).
+        "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"],
         "seconds": rounds, "median_s": median,
         "eager_ms_per_step": round(1000 * median["eager"] / steps, 1),
         "compiled_ms_per_step": round(1000 * median["compiled"] / steps, 1),

@@ -189,10 +189,11 @@ def _row_and_dim_blocks(N: int, D: int, on_cuda: bool, max_rows: int) -> tuple[i
 def _choice_blocks(N: int, D: int, on_cuda: bool, dtype: torch.dtype, sample: bool) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_V, BLOCK_D) of the choice kernel: rows, vocabulary entries and hidden dims per tile.
     On CUDA the largest tiles that ptxas fits in registers at 4 warps for sm_90 (none spill in 16-bit
-    types, a few words in fp32; `benchmarks/kernel_resources.py`): a [BLOCK_N, BLOCK_V] fp32 logit tile,
-    and with sampling its noise tile beside it."""
+    types, a few words in fp32; tests/test_gpu_compile.py checks it): a [BLOCK_N, BLOCK_V] fp32 logit
+    tile, and with sampling its noise tile beside it."""
     if not on_cuda:  # interpreter: few programs, big tiles
-        return max(16, min(64, triton.next_power_of_2(N))), 256, max(16, min(128, triton.next_power_of_2(D)))
+        block_n, block_d = _row_and_dim_blocks(N, D, on_cuda, max_rows=128)
+        return block_n, 256, block_d
     if dtype in (torch.float32, torch.float64):
         return (16, 32, 64) if N <= 16 else (32, 32, 64)
     if N <= 16:

@@ -286,7 +286,7 @@ def _split_plan(programs: int, num_slots: int, block_n: int) -> tuple[int, int]:
 
 def _block_sizes(rows: int, head_dim: int, on_cuda: bool, wide: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D): (query, head) rows and keys per tile. On CUDA the largest tiles that ptxas
-    fits in registers at 4 warps for sm_90 (no spills; `benchmarks/kernel_resources.py`); `wide` (fp32)
+    fits in registers at 4 warps for sm_90 (no spills; tests/test_gpu_compile.py checks it); `wide` (fp32)
     tiles hold twice the bytes."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if not on_cuda:  # the interpreter's cost is per program and per op: few, large tiles

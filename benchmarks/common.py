@@ -46,12 +46,13 @@ def median_seconds(fn, *args, repeats=20):
 def check_target(benchmark, name: str, value: float, limit: float, higher_is_better: bool = False) -> None:
     """Records a measured figure and, when the benchmark times on a GPU (the targets are GPU targets),
     asserts its target: a smoke run (`--benchmark-disable`) or a CPU run records without judging."""
+    target = f"{'>=' if higher_is_better else '<='} {limit}"
     benchmark.extra_info[name] = value
-    benchmark.extra_info[f"{name}_target"] = f"{'>=' if higher_is_better else '<='} {limit}"
-    print(f"\ntarget {benchmark.name}: {name} = {value:.3f}, target {'>=' if higher_is_better else '<='} {limit}")
+    benchmark.extra_info[f"{name}_target"] = target
+    print(f"\ntarget {benchmark.name}: {name} = {value:.3f}, target {target}")
     if ON_GPU and benchmark.enabled:
         met = value >= limit if higher_is_better else value <= limit
-        assert met, f"{name} = {value:.3f}, target {'>=' if higher_is_better else '<='} {limit}"
+        assert met, f"{name} = {value:.3f}, target {target}"
 
 
 def device_name() -> str:

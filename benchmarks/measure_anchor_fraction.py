@@ -16,19 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback, TrainingArguments
+from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
 
-import mtp_model
-from mtp_model.data import self_distill, tokenize_pairs
 from mtp_model.demo import corpus
-from mtp_model.demo.build import DEFAULT_OUT, NUM_MASKS
-from mtp_model.training import MTPDataCollator, MTPTrainer
+from mtp_model.demo.build import DEFAULT_OUT, NUM_MASKS, distilled_examples, train_adapter
+from mtp_model.training import MTPDataCollator
 
 
 def tokens_per_step(model, tokenizer, prompts: list[str], max_new_tokens: int) -> float:
@@ -67,6 +64,17 @@ class Curve(TrainerCallback):
         self.since = time.process_time()  # the measurement is not training compute
 
 
+class CountingCollator(MTPDataCollator):
+    """The training layout, counting every layout token the model trains on."""
+
+    layout_tokens = 0
+
+    def __call__(self, examples):
+        batch = super().__call__(examples)
+        self.layout_tokens += int(batch["valid"].sum())
+        return batch
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -81,32 +89,15 @@ def main(argv=None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_OUT)
     base = LlamaForCausalLM.from_pretrained(DEFAULT_OUT, dtype=torch.float32).eval()
-    pairs = [pair for domain in corpus.prompt_pairs("adapter", args.pairs).values() for pair in domain]
-    examples = tokenize_pairs(tokenizer, self_distill(base, tokenizer, pairs, max_new_tokens=96, batch_size=32),
-                              max_length=160)
+    examples = distilled_examples(tokenizer, base, args.pairs)
     prompts = [prompt for domain in corpus.prompt_pairs("heldout", args.heldout).values() for prompt, _ in domain]
     runs = []
     for fraction in args.fractions:
         model = LlamaForCausalLM.from_pretrained(DEFAULT_OUT, dtype=torch.float32)
-        mtp_model.patch(model, mtp_model.MTPConfig(num_masks=NUM_MASKS, lora_rank=32, lora_alpha=64))
-        total = {"layout_tokens": 0}
+        collator = CountingCollator(NUM_MASKS, model.config.vocab_size, fraction)
         curve = Curve(args.eval_every, lambda m: tokens_per_step(m, tokenizer, prompts, args.max_new_tokens),
-                      lambda: total["layout_tokens"])
-        with tempfile.TemporaryDirectory(prefix="mtp_anchor_fraction_") as scratch:
-            training = TrainingArguments(
-                output_dir=scratch, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=2e-3,
-                warmup_steps=min(100, args.steps // 10), lr_scheduler_type="cosine", logging_steps=50,
-                save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, seed=0)
-            trainer = MTPTrainer(model=model, args=training, train_dataset=examples, callbacks=[curve],
-                                 data_collator=MTPDataCollator(NUM_MASKS, model.config.vocab_size, fraction))
-            compute_loss = trainer.compute_loss
-
-            def counted(model, inputs, *rest, **options):  # every layout token the model trained on
-                total["layout_tokens"] += int(inputs["valid"].sum())
-                return compute_loss(model, inputs, *rest, **options)
-
-            trainer.compute_loss = counted
-            trainer.train()
+                      lambda: collator.layout_tokens)
+        train_adapter(None, tokenizer, model, args.steps, examples=examples, data_collator=collator, callbacks=[curve])
         runs.append({"anchor_fraction": fraction, "points": curve.points})
     result = {
         "model": "mtp_model/demo_model", "masks": NUM_MASKS, "decoding": "quadratic", "steps": args.steps,

@@ -111,17 +111,28 @@ def write_heldout(out: Path, per_domain: int = 20):
                 handle.write(json.dumps({"domain": domain, "prompt": prompt, "response": response}) + "\n")
 
 
-def train_adapter(out: Path, tokenizer, model, steps: int, per_domain: int | dict[str, int] = 4000, seed: int = 0,
-                  device: str = "cpu", loss_weights=None):
-    from transformers import TrainingArguments
-
-    import mtp_model
+def distilled_examples(tokenizer, model, per_domain: int | dict[str, int] = 4000, device: str = "cpu") -> list:
+    """The adapter's training examples: the base's own greedy replies to the corpus's adapter-split prompts."""
     from mtp_model.data import self_distill, tokenize_pairs
-    from mtp_model.training import MTPDataCollator, MTPTrainer
 
     pairs = [pair for domain_pairs in corpus.prompt_pairs("adapter", per_domain).values() for pair in domain_pairs]
     pairs = self_distill(model.to(device), tokenizer, pairs, max_new_tokens=96, batch_size=32)
-    examples = tokenize_pairs(tokenizer, pairs, max_length=160)
+    return tokenize_pairs(tokenizer, pairs, max_length=160)
+
+
+def train_adapter(out: Path | None, tokenizer, model, steps: int, per_domain: int | dict[str, int] = 4000,
+                  seed: int = 0, device: str = "cpu", loss_weights=None, examples=None, data_collator=None,
+                  callbacks=()):
+    """Patches `model` and trains its adapter on `examples` (default: `distilled_examples`) with the demo's
+    settings; saves it to out/adapter unless `out` is None. `data_collator` (default: every response token
+    an anchor) and `callbacks` let a measurement vary the layout and watch the run."""
+    from transformers import TrainingArguments
+
+    import mtp_model
+    from mtp_model.training import MTPDataCollator, MTPTrainer
+
+    if examples is None:
+        examples = distilled_examples(tokenizer, model, per_domain, device)
     model.config._name_or_path = "mtp_model/demo_model"  # not the builder's absolute path, into the adapter
     mtp_model.patch(model, mtp_model.MTPConfig(num_masks=NUM_MASKS, lora_rank=32, lora_alpha=64))
     with tempfile.TemporaryDirectory(prefix="mtp_demo_adapter_") as scratch:  # Trainer wants one; saves nothing
@@ -131,10 +142,11 @@ def train_adapter(out: Path, tokenizer, model, steps: int, per_domain: int | dic
             logging_steps=50, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=device == "cpu", seed=seed,
         )
         trainer = MTPTrainer(model=model, args=args, train_dataset=examples,
-                             data_collator=MTPDataCollator(NUM_MASKS, model.config.vocab_size),
-                             loss_weights=loss_weights)
+                             data_collator=data_collator or MTPDataCollator(NUM_MASKS, model.config.vocab_size),
+                             loss_weights=loss_weights, callbacks=list(callbacks))
         trainer.train()
-    mtp_model.save_adapter(model, out / "adapter")
+    if out is not None:
+        mtp_model.save_adapter(model, out / "adapter")
 
 
 def domain_counts(text: str) -> dict[str, int]:

@@ -85,6 +85,45 @@ def test_regular_tokens_keep_the_base_model_outputs():
         torch.testing.assert_close(logits, plain_logits[row, :length], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("forward", ["step_forward", "decoder"])
+def test_decoding_drafts_from_the_mask_states_that_training_trains(family, forward):
+    # Verification keeps the output lossless whatever the masks hold, so a mismatch between the states
+    # training teaches and the states a decoding step drafts from would only show as fewer accepted drafts.
+    # A quadratic step whose drafts are the sequence's own next tokens must give each anchor's mask block the
+    # training forward's states for the same anchor.
+    from mtp_model.attention import MTPCache
+    from mtp_model.decoding import Decoder
+    from mtp_kernels.sampler import SamplingParams
+
+    k, n, length, p = 3, 2, 13, 7
+    model = randomize_adapter(mtp_model.patch(tiny_model(family, seed=3), mtp_model.MTPConfig(num_masks=k, lora_rank=4)),
+                              std=0.3)
+    ids = torch.randint(3, 96, (length,), generator=torch.Generator().manual_seed(3))
+    batch = MTPDataCollator(k, 96)([{"input_ids": ids, "loss_mask": torch.arange(length) >= 4}])
+    with torch.no_grad(), gate_context(model, batch["input_ids"] >= 96):
+        trained = model.model(inputs_embeds=embed_tokens(model, batch["input_ids"]), position_ids=batch["position_ids"],
+                              **attention_inputs(model, batch)).last_hidden_state[0]
+
+    decoder = Decoder(model, k, "quadratic", True, SamplingParams(), None)
+    if forward == "decoder":
+        decoder.step_forward = None
+    layout, template = decoder.step_shape(n)
+    cache = MTPCache(len(model.model.layers), 1, p + layout.size, torch.device("cpu"))
+    cache.starts = torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        decoder.forward(ids[None, :p], torch.arange(p)[None], cache, torch.ones(p, p, dtype=torch.bool).tril())
+        cache.keep(torch.arange(p)[None], p)
+        step_ids = template.clone()
+        step_ids[layout.regular] = ids[p : p + n + 1]
+        hidden = decoder.forward(step_ids[None], p + layout.position_offset[None], cache, layout.block_mask)[0]
+    for g in range(n + 1):
+        block = (batch["anchor"][0] == p + g) & (batch["mask_number"][0] > 0)
+        torch.testing.assert_close(hidden[layout.masks[g]], trained[block], rtol=1e-4, atol=1e-5)
+        # The states differ from anchor to anchor: the comparison above cannot pass by accident.
+        assert not torch.allclose(hidden[layout.masks[g]], hidden[layout.masks[(g + 1) % (n + 1)]], atol=1e-3)
+
+
 def test_loss_terms_and_gradients_reach_only_the_adapter():
     model = randomize_adapter(mtp_model.patch(tiny_model(seed=2), mtp_model.MTPConfig(num_masks=2, lora_rank=4)))
     batch = MTPDataCollator(2, 96)(counting_examples(3, 96))

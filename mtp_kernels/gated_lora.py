@@ -115,10 +115,12 @@ MAX_SPLIT_K = 16
 class _Plan(NamedTuple):
     block_m: int
     block_k: int
+    shrink_r: int  # rank tile of the shrink kernel
     block_n: int
-    block_r: int
+    expand_r: int  # rank tile of the expand kernel
     split_k: int
     k_per_split: int
+    num_warps: int
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,24 +128,37 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _plan(rows: int, in_features: int, rank: int, element_size: int, device: torch.device) -> _Plan:
-    """Block sizes from a small table instead of autotuning, and the K split that fills the machine."""
-    block_r = min(128, max(16, triton.next_power_of_2(rank)))
-    if device.type == "cuda":
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the device: its SM count on a GPU; a few in the interpreter."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _plan(rows: int, in_features: int, rank: int, on_cuda: bool, target_programs: int) -> _Plan:
+    """Block sizes from a small table instead of autotuning, and the K split that fills `target_programs`.
+
+    GPU tiles fit in registers on sm_90 (ptxas, `tests/test_gpu_compile.py::test_tiles_fit_in_registers`):
+    the expand kernel holds SPLIT_K partial tiles of [BLOCK_M, expand_r] at once, so its rank tile stays at
+    32; taller row tiles take 8 warps. Larger ranks loop over rank tiles."""
+    rank_tile = max(16, triton.next_power_of_2(rank))
+    if on_cuda:
         block_m = 16 if rows <= 1024 else 64  # many rows: taller tiles re-read B fewer times
-        block_n = 128 if block_m == 16 else 64
-        # An A tile of at most 16 KiB, so that three pipeline stages fit in shared memory.
-        block_k = max(32, min(128, 16384 // (block_r * element_size)))
-        target_programs = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        shrink_r, expand_r = min(64, rank_tile), min(32, rank_tile)
+        block_k = 128 if shrink_r <= 32 else 64
+        block_n = 64
+        num_warps = 4 if block_m == 16 else 8
     else:  # interpreter: few, large programs, but still more than one K split for long rows
         block_m, block_k, block_n = 64, 128, 128
-        target_programs = 4
-    shrink_tiles = triton.cdiv(rows, block_m) * triton.cdiv(rank, block_r)
+        shrink_r = expand_r = min(128, rank_tile)
+        num_warps = 4
+    shrink_tiles = triton.cdiv(rows, block_m) * triton.cdiv(rank, shrink_r)
     k_blocks = triton.cdiv(in_features, block_k)
     # A power of two up to 16: the expand kernel unrolls its sum over the partials, so few variants compile.
     wanted = min(MAX_SPLIT_K, k_blocks, max(1, target_programs // shrink_tiles))
     split_k = 1 << (wanted.bit_length() - 1)
-    return _Plan(block_m, block_k, block_n, block_r, split_k, triton.cdiv(k_blocks, split_k) * block_k)
+    return _Plan(block_m, block_k, shrink_r, block_n, expand_r, split_k, triton.cdiv(k_blocks, split_k) * block_k,
+                 num_warps)
 
 
 def _lora_into(out2d, x2d, lora_a, lora_b, scaling, gate1d):
@@ -154,21 +169,23 @@ def _lora_into(out2d, x2d, lora_a, lora_b, scaling, gate1d):
         return out2d
     rows = torch.nonzero_static(gate1d, size=M, fill_value=-1).squeeze(1)
     wide = x2d.dtype == torch.float64  # fp64 stays fp64 end to end (gradcheck)
-    plan = _plan(M, K, R, x2d.element_size(), x2d.device)
+    plan = _plan(M, K, R, x2d.is_cuda, _target_programs(x2d.device))
     xa = torch.empty(plan.split_k, M, R, device=x2d.device, dtype=torch.float64 if wide else torch.float32)
     # fp32/fp64 inputs, and every dtype in the interpreter (which does bf16 math on raw bits), run in ACC.
     upcast = (not x2d.is_cuda) or x2d.dtype in (torch.float32, torch.float64)
     acc = tl.float64 if wide else tl.float32
     m_blocks = triton.cdiv(M, plan.block_m)
-    _shrink_kernel[(m_blocks, plan.split_k, triton.cdiv(R, plan.block_r))](
+    _shrink_kernel[(m_blocks, plan.split_k, triton.cdiv(R, plan.shrink_r))](
         x2d, lora_a, rows, xa, M, K, R, plan.k_per_split,
         x2d.stride(0), lora_a.stride(0), xa.stride(0), xa.stride(1),
-        BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_R=plan.block_r, UPCAST=upcast, ACC=acc,
+        BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_R=plan.shrink_r, UPCAST=upcast, ACC=acc,
+        num_warps=plan.num_warps,
     )
     _expand_kernel[(m_blocks, triton.cdiv(N, plan.block_n))](
         out2d, lora_b, rows, xa, float(scaling), M, N, R,
         out2d.stride(0), lora_b.stride(0), xa.stride(0), xa.stride(1),
-        SPLIT_K=plan.split_k, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r, UPCAST=upcast, ACC=acc,
+        SPLIT_K=plan.split_k, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_R=plan.expand_r, UPCAST=upcast,
+        ACC=acc, num_warps=plan.num_warps,
     )
     return out2d
 

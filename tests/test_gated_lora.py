@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import mtp_kernels
 from mtp_kernels import reference
+from mtp_kernels import gated_lora as gated_lora_module
 from mtp_kernels.gated_lora import _plan
 from mtp_model.modules import GateContext, GatedLoRALinear
 
@@ -53,11 +54,25 @@ def test_forward(kernel_mode, dtype, rows, in_f, out_f, rank, gated):
 
 def test_forward_shapes_reach_every_launch_branch():
     """Two of test_forward's shapes split K (one with an empty last split) and tile the rank in the interpreter."""
-    cpu = torch.device("cpu")
-    empty_split = _plan(3, 600, 8, 4, cpu)
+    empty_split = _plan(3, 600, 8, on_cuda=False, target_programs=4)
     assert empty_split.split_k == 4 and (empty_split.split_k - 1) * empty_split.k_per_split >= 600
-    tiled = _plan(20, 300, 256, 4, cpu)
-    assert tiled.split_k == 2 and tiled.block_r < 256
+    tiled = _plan(20, 300, 256, on_cuda=False, target_programs=4)
+    assert tiled.split_k == 2 and tiled.shrink_r < 256 and tiled.expand_r < 256
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "in_f", "out_f", "rank"), [(5, 700, 90, 16), (81, 256, 130, 128), (1100, 96, 70, 40)])
+def test_gpu_tiles_through_the_interpreter(monkeypatch, dtype, rows, in_f, out_f, rank):
+    """The tiles a GPU launch picks (short and tall row tiles, rank tiles below the rank in both kernels,
+    split K), run by the interpreter: the CPU tests otherwise see only the interpreter's own tiles."""
+    monkeypatch.setenv("MTP_KERNELS", "interpret")
+    gpu_plan = gated_lora_module._plan
+    monkeypatch.setattr(gated_lora_module, "_plan",
+                        lambda rows, k, r, on_cuda, programs: gpu_plan(rows, k, r, on_cuda=True, target_programs=132))
+    x, weight, bias, a, b, gate = make(rows, in_f, out_f, rank, dtype, seed=rank)
+    out = mtp_kernels.gated_lora_linear(x, weight, bias, a, b, 2.0, gate)
+    assert torch.equal(out[~gate], F.linear(x, weight, bias)[~gate])
+    assert_lora_rows_close(out, x, weight, bias, a, b, 2.0, gate)
 
 
 def test_leading_dims_and_no_bias(kernel_mode):

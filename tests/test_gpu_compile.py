@@ -6,8 +6,8 @@ so their own GPU launch planning (block sizes, splits, upcasting) picks the conf
 recorded instead of run, then compiled for sm_90. This checks what the interpreter cannot: the compiled
 path's types, layouts and resource limits. (Through `torch.ops`, fake tensors would reach the ops' fake
 implementations, which launch nothing.) Register spills, which ptxas reports and which make a kernel slow
-rather than wrong, are checked for the tree-attention and choice kernels, whose tiles were chosen to fit
-(the gated-LoRA tiles at ranks above 64 still spill: benchmarks/results/README.md).
+rather than wrong, are checked for the tree-attention, choice and gated-LoRA kernels, whose tiles were chosen to
+fit.
 """
 
 import importlib
@@ -167,6 +167,9 @@ SPILL_CASES = [
     ("choice", torch.float16, 20, 2048, True), ("choice", torch.bfloat16, 512, 2048, True),
     ("choice", torch.float32, 8, 4096, False), ("choice", torch.float32, 64, 4096, True),
     ("top_k", torch.bfloat16, 1, 4096, 50), ("top_k", torch.float16, 64, 4096, 8),
+    ("lora", torch.bfloat16, 1, 4096, 16), ("lora", torch.bfloat16, 81, 4096, 64), ("lora", torch.bfloat16, 81, 4096, 128),
+    ("lora", torch.float16, 4096, 4096, 128), ("lora", torch.bfloat16, 9, 14336, 256), ("lora", torch.bfloat16, 2048, 4096, 512),
+    ("lora", torch.float32, 81, 4096, 128), ("lora", torch.float32, 4096, 2048, 64),
 ]
 
 
@@ -178,6 +181,9 @@ def test_tiles_fit_in_registers(recorded_launches, op, dtype, rows, dim, extra):
         lengths = cuda(2, dtype=torch.int64)
         tree_attention(cuda(2, 8, rows, dim, dtype=dtype), cuda(2, 2, extra, dim, dtype=dtype),
                        cuda(2, 2, extra, dim, dtype=dtype), lengths, cuda(rows, rows, dtype=torch.bool), dim**-0.5, lengths)
+    elif op == "lora":  # dim: in and out features; extra: rank
+        gated_lora_forward(cuda(rows, dim, dtype=dtype), cuda(dim, dim, dtype=dtype), None, cuda(extra, dim, dtype=dtype),
+                           cuda(dim, extra, dtype=dtype), 2.0, cuda(rows, dtype=torch.bool))
     elif op == "top_k":  # extra: top_k
         _top_k_candidates(cuda(rows, dim, dtype=dtype), cuda(32000, dim, dtype=dtype), 0.7, extra)
     else:  # extra: sampling (noise) or greedy

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--save-steps", type=bounded(int, 1), default=500)
+    parser.add_argument("--max-minutes", type=bounded(float, 0, low_open=True), default=None,
+                        help="stop after this many minutes of training (at the end of a step, with a checkpoint and "
+                             "the adapter written as at --steps)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     existing.add_argument("--overwrite", action="store_true",
@@ -78,8 +81,8 @@ def train_main(argv: list[str] | None = None) -> int:
     from mtp_model.adapter import load_config, warm_start
     from mtp_model.data import most_frequent_tokens, read_jsonl, self_distill, tokenize_pairs
     from mtp_model.model_helpers import sliding_window
-    from mtp_model.training import (LossWeights, MTPDataCollator, MTPTrainer, enable_gradient_checkpointing,
-                                    end_distributed_process)
+    from mtp_model.training import (LossWeights, MTPDataCollator, MTPTrainer, TimeLimit,
+                                    enable_gradient_checkpointing, end_distributed_process)
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -143,6 +146,7 @@ def train_main(argv: list[str] | None = None) -> int:
         data_collator=MTPDataCollator(args.num_masks, model.config.vocab_size, args.anchor_fraction),
         loss_weights=LossWeights(consistency_reduction=args.consistency_reduction, mask_decay=args.mask_decay,
                                  regular=args.regular_weight),
+        callbacks=None if args.max_minutes is None else [TimeLimit(args.max_minutes)],
     )
     if args.overwrite and training_args.should_save:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # else the Trainer keeps the old run's steps

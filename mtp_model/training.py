@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import Trainer, TrainerState
+from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from mtp_kernels.linear_cross_entropy import linear_cross_entropy
@@ -258,6 +258,27 @@ def _check_checkpointing(model) -> None:
             "True) with MTPTrainer): transformers' own method recomputes the layers without the adapter's gate, "
             "so the gradients would be wrong"
         )
+
+
+class TimeLimit(TrainerCallback):
+    """Ends training at the first optimizer step after `minutes` of it, with a checkpoint, as if that step
+    were `max_steps`: a run sized by the clock (a lent GPU's minutes, a CPU budget) rather than by a
+    step count. The learning rate schedule still runs to `max_steps`, so a decaying one is cut where it
+    stands: pair it with a constant rate."""
+
+    def __init__(self, minutes: float):
+        if not minutes > 0:
+            raise ValueError(f"minutes must be > 0, got {minutes}")
+        self.seconds = 60.0 * minutes
+        self.start: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is not None and time.monotonic() - self.start >= self.seconds:
+            control.should_training_stop = True
+            control.should_save = True
 
 
 class MTPTrainer(Trainer):

@@ -60,6 +60,20 @@ def test_train_command_writes_a_loadable_adapter(tmp_path):
     assert model.mtp_config.num_masks == 3
 
 
+def test_a_time_limit_ends_the_run_with_its_adapter_and_a_checkpoint(tmp_path, capsys):
+    model_dir = saved_tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", counting_records(24))
+    out = tmp_path / "adapter"
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--num-masks", "3",
+            "--rank", "4", "--batch", "4", "--steps", "1000", "--save-steps", "500"]
+    assert main([*argv, "--max-minutes", "1e-6"]) == 0  # past its limit at the end of the first step
+    state = json.loads((out / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and (out / "adapter_model.safetensors").is_file()
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--overwrite", "--max-minutes", "0"])
+    assert refused.value.code == 2 and "argument --max-minutes: must be > 0" in capsys.readouterr().err
+
+
 def test_a_run_can_start_from_another_adapter(tmp_path, capsys):
     model_dir = saved_tiny_model(tmp_path / "model")
     data = write_jsonl(tmp_path / "data.jsonl", counting_records(8))

@@ -25,6 +25,7 @@
 # The device tool sends at most 64 MiB of working tree, and data/ makes this repository larger: leave it out
 # of the copy for the call (`git rm -r -q --cached data && echo /data/ >> .git/info/exclude`), and put it
 # back afterwards (`git reset -q data`, then delete that line of .git/info/exclude).
+# SmolLM2's adapter trained on the GPU is another script's job, two calls of its own: scripts/gpu_smollm2.sh.
 # Usage: scripts/gpu_results.sh STAGE... [--out OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,9 +1,11 @@
-"""Shared pieces of the benchmarks: the device, shape grids per device, and a synchronising runner.
+"""Shared pieces of the benchmarks: the device, shape grids per device, a synchronising runner, and a
+shipped model with its adapter and prompts for the end-to-end measurement scripts.
 
 On a GPU every benchmark runs its full grid (Llama-3-8B shapes); on CPU a tiny grid, so that
 `pytest benchmarks --benchmark-disable` smoke-runs every benchmark in seconds.
 """
 
+import json
 import statistics
 import time
 
@@ -78,3 +80,30 @@ def check_target(benchmark, name: str, value: float, limit: float, higher_is_bet
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if ON_GPU else "cpu"
+
+
+def shipped_model_and_prompts(name: str):
+    """(model patched with its shipped adapter, fp32 on the CPU; prompt ids [1, P] each) for `name`, the
+    demo model ("demo-model") or a known model: the first public prompt of each domain for a chat model,
+    three held-out prompts for the demo model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mtp_model
+    from mtp_model.checkpoints import model_directory
+    from mtp_model.demo_cli import DEMO_MODEL_DIR
+
+    demo = name == "demo-model"
+    model_dir = DEMO_MODEL_DIR if demo else model_directory(name)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = mtp_model.patch(model, adapter=DEMO_MODEL_DIR / "adapter" if demo else name)
+    if tokenizer.chat_template:
+        from mtp_model.evaluate import public_prompts
+
+        prompts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)["input_ids"]
+                   for _, messages in public_prompts("public", per_domain=1)]
+    else:
+        held_out = [json.loads(line) for line in (model_dir / "heldout.jsonl").read_text().splitlines() if line]
+        prompts = [tokenizer(record["prompt"], return_tensors="pt")["input_ids"] for record in held_out[::15][:3]]
+    return model, prompts

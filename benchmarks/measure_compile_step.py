@@ -22,17 +22,6 @@ import time
 from pathlib import Path
 
 
-def _prompts(tokenizer, model_dir: Path) -> list:
-    if tokenizer.chat_template:
-        from mtp_model.evaluate import public_prompts
-
-        return [tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                              return_dict=True)["input_ids"]
-                for _, messages in public_prompts("public", per_domain=1)]
-    held_out = [json.loads(line) for line in (model_dir / "heldout.jsonl").read_text().splitlines() if line]
-    return [tokenizer(record["prompt"], return_tensors="pt")["input_ids"] for record in held_out[::15][:3]]
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="demo-model", help="demo-model or a known model's name")
@@ -47,18 +36,13 @@ def main(argv=None) -> dict:
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from common import shipped_model_and_prompts
 
     import mtp_model
-    from mtp_model.checkpoints import model_directory
-    from mtp_model.demo_cli import DEMO_MODEL_DIR
 
-    demo = args.model == "demo-model"
-    model_dir = DEMO_MODEL_DIR if demo else model_directory(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model = mtp_model.patch(model, adapter=DEMO_MODEL_DIR / "adapter" if demo else args.model).to(args.device)
-    prompts = [ids.to(args.device) for ids in _prompts(tokenizer, model_dir)]
+    model, prompts = shipped_model_and_prompts(args.model)
+    model = model.to(args.device)
+    prompts = [ids.to(args.device) for ids in prompts]
     synchronize = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     stock_generate = type(model).generate
 

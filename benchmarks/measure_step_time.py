@@ -75,17 +75,6 @@ class _PartClock:
         self.in_prefill = True
 
 
-def _prompts(tokenizer, model_dir: Path) -> list:
-    if tokenizer.chat_template:
-        from mtp_model.evaluate import public_prompts
-
-        return [tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                              return_dict=True)["input_ids"]
-                for _, messages in public_prompts("public", per_domain=1)]
-    held_out = [json.loads(line) for line in (model_dir / "heldout.jsonl").read_text().splitlines() if line]
-    return [tokenizer(record["prompt"], return_tensors="pt")["input_ids"] for record in held_out[::15][:3]]
-
-
 def _operator_table(profile, top: int) -> dict:
     """Self CPU time by operator inside each part's ranges: {part: [(operator, ms), ...]}, largest first.
     An operator belongs to the innermost part range that encloses it."""
@@ -115,20 +104,12 @@ def main(argv=None) -> dict:
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from common import shipped_model_and_prompts
 
-    import mtp_model
     from mtp_model.attention import MTPCache
-    from mtp_model.checkpoints import model_directory
     from mtp_model.decoding import Decoder
-    from mtp_model.demo_cli import DEMO_MODEL_DIR
 
-    demo = args.model == "demo-model"
-    model_dir = DEMO_MODEL_DIR if demo else model_directory(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model = mtp_model.patch(model, adapter=DEMO_MODEL_DIR / "adapter" if demo else args.model)
-    prompts = _prompts(tokenizer, model_dir)
+    model, prompts = shipped_model_and_prompts(args.model)
     config = model.mtp_config
     configs = [(config.generate_num_masks or config.num_masks, config.decoding)]
     for item in filter(None, args.configs.split(",")):

@@ -55,8 +55,8 @@ def test_prepacked_linear(benchmark, shape, rows):
 
 
 # A decoding step's gated LoRA linear (rank 32, LoRA on the rows from `gated_from` on), the two ways the
-# op's CPU path can run it (`cpu_linear.gated_lora_on_packed`): the base product plus the LoRA's own
-# products, or one product against the weight paired with its LoRA-merged copy. Rows: 7 masks linear (15),
+# op's CPU path can run it (`cpu_linear.gated_lora_on_packed`): one product against the weight stacked over
+# the LoRA's A, then the B product on the gated rows, or one product against the weight paired with its LoRA-merged copy. Rows: 7 masks linear (15),
 # 4 and 5 masks quadratic (25, 36), 8 quadratic (81); `merged_lora_applies` takes the merged way up to 32.
 LORA_SHAPES = [(256, 256), (256, 768), (768, 256)]
 LORA_STEPS = [(15, 8), (25, 5), (36, 6), (81, 9)]  # (rows, gated_from)
@@ -76,7 +76,7 @@ def lora_inputs(shape, step):
 
 
 def gated_lora(x, member, gate, merge):
-    return cpu_linear.gated_lora_on_packed(x, [member], gate, merge)[0]
+    return cpu_linear.gated_lora_on_packed(x, [member], gate, merge)
 
 
 @LORA_GRID
@@ -102,7 +102,7 @@ def qkv_members():
 
 
 def qkv_one_by_one(x, members, gate):
-    return [gated_lora(x, member, gate, merge=True) for member in members]
+    return torch.cat([gated_lora(x, member, gate, merge=True) for member in members], dim=-1)
 
 
 def qkv_grouped(x, members, gate):
@@ -116,6 +116,5 @@ def test_qkv_merged(benchmark, grouped):
     benchmark.group = "q, k, v with merged LoRA, 256 -> 256 + 128 + 128, 15 rows"
     product = qkv_grouped if grouped else qkv_one_by_one
     with torch.no_grad():
-        for got, want in zip(product(x, members, gate), qkv_one_by_one(x, members, gate)):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(product(x, members, gate), qkv_one_by_one(x, members, gate), rtol=1e-5, atol=1e-5)
         run(benchmark, product, x, members, gate)

@@ -1,7 +1,7 @@
 """`prepacked_linear(x, weight, bias)`: `F.linear` for inference on the CPU through oneDNN, with the weight
 reordered once into oneDNN's blocked layout and kept; `gated_lora_linear`: the gated LoRA op's CPU
 implementation on such weights; `gated_lora_on_packed`: the gated LoRA linears of one input (a layer's q,
-k and v) that way, as one product where the merged LoRA applies.
+k and v) that way, as one product with their LoRA activations stacked under the weights.
 
 Shapes: x [..., in] (any strides), weight [out, in], bias [out] | None -> [..., out], fp32.
 
@@ -19,7 +19,7 @@ asks `packing_applies` once per generate call and then calls `linear_on_packed`,
 
 Merged LoRA (`gated_lora_on_packed(..., merge=True)`): the LoRA term of the gated rows (a step's mask
 tokens) by one product against the packed pair [W; W + scaling B A], each row keeping the half its gate
-selects, instead of the base product plus the LoRA's own three small ops. It reads twice the weights, so it
+selects, instead of the stacked product's two more small ops (the gate, the B product). It reads twice the weights, so it
 pays only where a step's fixed per-op costs dominate: few rows and small weights (`merged_lora_applies`,
 which the op asks), and a model whose weights, doubled, stay near the cache (`merged_lora_fits`, which
 `step_forward` also asks); a model that streams its weights from memory pays the doubled width in full.
@@ -103,40 +103,68 @@ def merged_lora_applies(rows: int, weight_elements: int) -> bool:
     return rows <= MERGED_LORA_MAX_ROWS and weight_elements <= MERGED_LORA_MAX_WEIGHT
 
 
-def gated_lora_on_packed(x: torch.Tensor, members, gate: torch.Tensor, merge: bool) -> list[torch.Tensor]:
-    """The gated LoRA linears of one x [..., T, in] under one gate [..., T] bool, members [(weight, bias,
-    lora_a, lora_b, scaling)] (a single linear; or a layer's q, k, v, or its gate and up): each member's
-    `x W^T + b + scaling * gate * (x A^T) B^T` [..., T, out_i], with `linear_on_packed`'s preconditions.
+def gated_lora_on_packed(x: torch.Tensor, members, gate: torch.Tensor | None, merge: bool,
+                         row_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The gated LoRA linears of one x [..., T, in] under one gate [..., T] bool (None: no gated row),
+    members [(weight, bias, lora_a, lora_b, scaling)] (a single linear; or a layer's q, k, v, or its gate and
+    up): the members' `x W^T + b + scaling * gate * (x A^T) B^T` side by side, [..., T, out_1 + .. + out_n],
+    with `linear_on_packed`'s preconditions; possibly a view of a wider product (strided rows).
+    row_mask: `reference.lora_row_mask(gate, x.dtype)`, from a caller that runs many products under one gate.
 
-    merge=False: each member's packed product plus its masked LoRA term. merge=True: one product against
-    the packed [W_1; ..; W_n; W_1 + s_1 B_1 A_1; ..] (biases [b; b]) gives every row both its base and its
-    LoRA-merged outputs, and each row keeps the half its gate selects: two ops for all members where adding
-    the LoRA takes four per member, which pays up to `merged_lora_applies`' size (module docstring).
-    Either way ungated rows are the plain packed product, up to oneDNN's blocking.
+    merge=False: one product against the packed [W_1; ..; W_n; A_1; ..; A_n] gives every row its base
+    outputs and its LoRA activations; the gated rows' activations go through one product with the
+    block-diagonal [s_1 B_1, .., s_n B_n], added in place: three ops for all members where a product and a
+    LoRA term per member take four each. merge=True: one product against the packed [W_1; ..; W_n; W_1 +
+    s_1 B_1 A_1; ..] (biases [b; b]) gives every row both its base and its LoRA-merged outputs, and each row
+    keeps the half its gate selects: two ops, reading twice the weights, which pays up to
+    `merged_lora_applies`' size (module docstring). Either way ungated rows are the plain packed product, up
+    to oneDNN's blocking.
     """
-    if not merge:
-        row_mask = reference.lora_row_mask(gate, x.dtype)
-        return [reference.add_masked_lora(linear_on_packed(x, weight, bias), x, lora_a, lora_b, scaling, row_mask)
-                for weight, bias, lora_a, lora_b, scaling in members]
-    sizes = [member[0].shape[0] for member in members]
-    width = sum(sizes)
+    width = sum(member[0].shape[0] for member in members)
+    scalings = tuple(member[4] for member in members)
+    if merge:
+        sources = tuple(tensor for weight, bias, lora_a, lora_b, _ in members
+                        for tensor in (weight, lora_a, lora_b, bias) if tensor is not None)
+        packed_pair, pair_bias = derived("merged-lora", sources, lambda: _merged_pair(members), *scalings)
+        both = torch.ops.mkldnn._linear_pointwise(x, packed_pair, pair_bias, "none", [], "")
+        out = both[..., :width] if gate is None else torch.where(gate[..., None], both[..., width:], both[..., :width])
+    else:
+        sources = tuple(tensor for weight, bias, lora_a, _, _ in members
+                        for tensor in (weight, lora_a, bias) if tensor is not None)
+        packed, bias = derived("lora-stacked", sources, lambda: _stacked(members))
+        both = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        out = both[..., :width]
+        if gate is not None:
+            expand = derived("lora-expand", tuple(member[3] for member in members),
+                             lambda: torch.block_diag(*(scaling * lora_b for *_, lora_b, scaling in members)).t(),
+                             *scalings)
+            if row_mask is None:
+                row_mask = reference.lora_row_mask(gate, x.dtype)
+            activations = both[..., width:].reshape(-1, expand.shape[0]) * row_mask
+            out.view(-1, width).addmm_(activations, expand)
+    return out
 
-    def merge_weights():
-        weights = [weight for weight, *_ in members]
-        merged = [(weight.double() + scaling * (lora_b.double() @ lora_a.double())).to(weight.dtype)
-                  for weight, _, lora_a, lora_b, scaling in members]
-        pair = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights + merged), None)
-        if all(bias is None for _, bias, *_ in members):
-            return pair, None
-        biases = [weight.new_zeros(weight.shape[0]) if bias is None else bias for weight, bias, *_ in members]
-        return pair, torch.cat(biases + biases)
 
-    sources = tuple(tensor for weight, bias, lora_a, lora_b, _ in members
-                    for tensor in (weight, lora_a, lora_b, bias) if tensor is not None)
-    packed_pair, pair_bias = derived("merged-lora", sources, merge_weights, *(member[4] for member in members))
-    both = torch.ops.mkldnn._linear_pointwise(x, packed_pair, pair_bias, "none", [], "")
-    out = torch.where(gate[..., None], both[..., width:], both[..., :width])
-    return [out] if len(members) == 1 else list(out.split(sizes, dim=-1))
+def _stacked(members) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The packed [W_1; ..; W_n; A_1; ..; A_n] and its bias [b_1; ..; b_n; 0] (None without biases)."""
+    weights = [weight for weight, *_ in members] + [lora_a for _, _, lora_a, _, _ in members]
+    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), None)
+    if all(bias is None for _, bias, *_ in members):
+        return packed, None
+    biases = [weight.new_zeros(weight.shape[0]) if bias is None else bias for weight, bias, *_ in members]
+    return packed, torch.cat(biases + [members[0][0].new_zeros(sum(a.shape[0] for _, _, a, _, _ in members))])
+
+
+def _merged_pair(members) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The packed [W_1; ..; W_n; W_1 + s_1 B_1 A_1; ..] and its bias [b; b] (None without biases)."""
+    weights = [weight for weight, *_ in members]
+    merged = [(weight.double() + scaling * (lora_b.double() @ lora_a.double())).to(weight.dtype)
+              for weight, _, lora_a, lora_b, scaling in members]
+    pair = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights + merged), None)
+    if all(bias is None for _, bias, *_ in members):
+        return pair, None
+    biases = [weight.new_zeros(weight.shape[0]) if bias is None else bias for weight, bias, *_ in members]
+    return pair, torch.cat(biases + biases)
 
 
 def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -148,4 +176,4 @@ def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if not 0 < rows <= PACKED_MAX_ROWS or weight.dtype != x.dtype or not packing_applies(x.device, x.dtype):
         return None
     merge = merged_lora_applies(rows, weight.numel())
-    return gated_lora_on_packed(x, [(weight, bias, lora_a, lora_b, scaling)], gate, merge)[0]
+    return gated_lora_on_packed(x, [(weight, bias, lora_a, lora_b, scaling)], gate, merge).contiguous()

@@ -12,8 +12,8 @@ sin from the model's own `rotary_emb`, so every rope type it knows); the step's 
 into the cache; SDPA under the step's visibility mask (grouped-query, the module's `scaling`); o_proj and
 the residual; RMSNorm, down(act(gate) * up) and the residual; then the final norm. Projections are the
 patch's gated LoRA products on prepacked weights, as the op's CPU path runs them, except that q, k and v
-(and gate and up) run as one product each (`cpu_linear.gated_lora_on_packed`) where the merged LoRA
-applies, and merged LoRA only for models small enough (`cpu_linear.merged_lora_fits`).
+(and gate and up) run as one product each (`cpu_linear.gated_lora_on_packed`), and merged LoRA only for
+models small enough (`cpu_linear.merged_lora_fits`).
 The hidden states and cache entries are those of the model's own forward to fp32 rounding (bit for bit on
 the project's machine: oneDNN sums each output the same way whatever the product's width).
 
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp_kernels.cpu_linear import gated_lora_on_packed, linear_on_packed, merged_lora_applies, merged_lora_fits
+from mtp_kernels.reference import lora_row_mask
 from mtp_kernels.tree_attention import visibility_mask
 from mtp_model.modules import GatedLoRALinear
 
@@ -63,17 +64,17 @@ class _Projection:
         """(weight, bias, lora_a, lora_b, scaling), as `cpu_linear.gated_lora_on_packed` takes each linear."""
         return self.weight, self.bias, self.lora_a, self.lora_b, self.scaling
 
-    def __call__(self, x: torch.Tensor, gate: torch.Tensor | None, merge_allowed: bool) -> torch.Tensor:
-        if self.lora_a is None or gate is None:
+    def __call__(self, x: torch.Tensor, gating: _Gating) -> torch.Tensor:
+        if self.lora_a is None:
             return linear_on_packed(x, self.weight, self.bias)
-        merge = merge_allowed and merged_lora_applies(x.numel() // x.shape[-1], self.weight.numel())
-        return gated_lora_on_packed(x, (self.member(),), gate, merge)[0]
+        return gated_lora_on_packed(x, (self.member(),), gating.gate, gating.merge(self.weight.numel()),
+                                    gating.row_mask)
 
 
 @dataclass(frozen=True)
 class _ProjectionGroup:
-    """Projections of one input (q, k, v; gate, up): one merged-LoRA product for all of them where that
-    applies and each has LoRA (`cpu_linear.gated_lora_on_packed`), else each on its own."""
+    """Projections of one input (q, k, v; gate, up), their outputs side by side: one product for all of them
+    where each has LoRA (`cpu_linear.gated_lora_on_packed`), else each on its own."""
 
     projections: tuple[_Projection, ...]
     members: tuple | None  # each projection's `member()`, read once; None unless all have LoRA
@@ -84,11 +85,32 @@ class _ProjectionGroup:
         members = tuple(p.member() for p in projections) if all(p.lora_a is not None for p in projections) else None
         return cls(projections, members, sum(p.weight.numel() for p in projections))
 
-    def __call__(self, x: torch.Tensor, gate: torch.Tensor | None, merge_allowed: bool) -> list[torch.Tensor]:
-        if (gate is not None and merge_allowed and self.members is not None
-                and merged_lora_applies(x.numel() // x.shape[-1], self.weight_elements)):
-            return gated_lora_on_packed(x, self.members, gate, merge=True)
-        return [projection(x, gate, merge_allowed) for projection in self.projections]
+    def __call__(self, x: torch.Tensor, gating: _Gating) -> torch.Tensor:
+        if self.members is not None:
+            return gated_lora_on_packed(x, self.members, gating.gate, gating.merge(self.weight_elements),
+                                        gating.row_mask)
+        return torch.cat([projection(x, gating) for projection in self.projections], dim=-1)
+
+
+@dataclass(frozen=True)
+class _Gating:
+    """One forward's gate in the forms its products take: gate [B, T] bool (None: no mask token), its LoRA
+    row mask (`lora_row_mask`, made once for every product), and whether merged LoRA is allowed at its
+    row count."""
+
+    gate: torch.Tensor | None
+    row_mask: torch.Tensor | None
+    rows: int
+    merge_allowed: bool
+
+    @classmethod
+    def of(cls, gate: torch.Tensor | None, dtype: torch.dtype, merge_allowed: bool) -> _Gating:
+        if gate is None:
+            return cls(None, None, 0, False)
+        return cls(gate, lora_row_mask(gate, dtype), gate.numel(), merge_allowed)
+
+    def merge(self, weight_elements: int) -> bool:
+        return self.merge_allowed and merged_lora_applies(self.rows, weight_elements)
 
 
 @dataclass(frozen=True)
@@ -113,6 +135,8 @@ class _Layer:
     down: _Projection
     act: nn.Module
     head_dim: int
+    q_heads: int
+    kv_heads: int
     scaling: float
 
     def projections(self) -> tuple[_Projection, ...]:
@@ -150,7 +174,7 @@ class StepForward:
                  gate: torch.Tensor | None) -> torch.Tensor:
         """gate: [B, T] bool, True on mask tokens, or None when the step has none (`effective_gate`)."""
         B, T, _ = embeds.shape
-        merge = self.merge_allowed
+        gating = _Gating.of(gate, embeds.dtype, self.merge_allowed)
         cos, sin = self.rotary(embeds, positions)  # [B, T, D]
         half = cos.shape[-1] // 2
         # rotate_half(x) * sin = roll(x, half) * sin with its first half negated: one roll per tensor instead of
@@ -162,18 +186,23 @@ class StepForward:
         hidden = embeds
         for layer, cache_layer in zip(self.layers, cache.layers):
             x = layer.input_norm(hidden)
-            q, k, v = (t.view(B, T, -1, layer.head_dim) for t in layer.qkv(x, gate, merge))
-            if layer.q_norm is not None:
-                q, k = layer.q_norm(q), layer.k_norm(k)
-            keys, values = cache_layer.write(_rotate(k, cos, sin), v, index)
+            qkv = layer.qkv(x, gating).view(B, T, -1, layer.head_dim)
+            H, qk_heads = layer.q_heads, layer.q_heads + layer.kv_heads
+            if layer.q_norm is None:  # q and k side by side in one product: rotated together
+                qk = _rotate(qkv[:, :, :qk_heads], cos, sin)
+                q, k = qk[:, :, :H], qk[:, :, H:]
+            else:
+                q = _rotate(layer.q_norm(qkv[:, :, :H]), cos, sin)
+                k = _rotate(layer.k_norm(qkv[:, :, H:qk_heads]), cos, sin)
+            keys, values = cache_layer.write(k, qkv[:, :, qk_heads:], index)
             attended = F.scaled_dot_product_attention(
-                _rotate(q, cos, sin).transpose(1, 2), keys[:, :, :live], values[:, :, :live], attn_mask=mask,
-                scale=layer.scaling, enable_gqa=q.shape[2] != k.shape[2],
+                q.transpose(1, 2), keys[:, :, :live], values[:, :, :live], attn_mask=mask,
+                scale=layer.scaling, enable_gqa=H != layer.kv_heads,
             )
-            hidden = hidden + layer.o(attended.transpose(1, 2).reshape(B, T, -1), gate, merge)
+            hidden = hidden + layer.o(attended.transpose(1, 2).reshape(B, T, -1), gating)
             x = layer.post_norm(hidden)
-            gate_proj, up = layer.gate_up(x, gate, merge)
-            hidden = hidden + layer.down(layer.act(gate_proj) * up, gate, merge)
+            gate_proj, up = layer.gate_up(x, gating).chunk(2, dim=-1)
+            hidden = hidden + layer.down(layer.act(gate_proj) * up, gating)
         return self.final_norm(hidden)
 
 
@@ -216,8 +245,10 @@ def _read_layer(layer) -> _Layer:
     head_norms = (None, None) if q_norm is None and k_norm is None else (_norm(q_norm), _norm(k_norm))
     qkv = _ProjectionGroup.of(projections["q_proj"], projections["k_proj"], projections["v_proj"])
     gate_up = _ProjectionGroup.of(projections["gate_proj"], projections["up_proj"])
+    head_dim = attention.head_dim
+    heads = [projections[name].weight.shape[0] // head_dim for name in ("q_proj", "k_proj")]
     return _Layer(norms[0], qkv, *head_norms, projections["o_proj"], norms[1], gate_up, projections["down_proj"],
-                  mlp.act_fn, attention.head_dim, float(attention.scaling))
+                  mlp.act_fn, head_dim, *heads, float(attention.scaling))
 
 
 def _projection(module) -> _Projection:

@@ -135,7 +135,7 @@ def test_gated_lora_on_packed_matches_a_float64_gated_lora(lead, gate, with_bias
     weight, lora_a, lora_b = torch.randn(24, 40), torch.randn(6, 40), torch.randn(24, 6)
     bias = torch.randn(24) if with_bias else None
     with torch.no_grad():
-        (out,) = cpu_linear.gated_lora_on_packed(x, [(weight, bias, lora_a, lora_b, 0.5)], gate, merge)
+        out = cpu_linear.gated_lora_on_packed(x, [(weight, bias, lora_a, lora_b, 0.5)], gate, merge)
         base = prepacked_linear(x, weight, bias)
     assert out.shape == (*lead, 24)
     expected = fp64_gated_lora(x, weight, bias, lora_a, lora_b, 0.5, gate)
@@ -154,7 +154,7 @@ def test_grouped_gated_lora_matches_each_member(gated_from, merge):
                 torch.randn(out, 4), scaling)
                for out, with_bias, scaling in [(24, True, 0.5), (8, False, 2.0), (16, True, 1.0)]]
     with torch.no_grad():
-        outs = cpu_linear.gated_lora_on_packed(x, members, gate, merge)
+        outs = cpu_linear.gated_lora_on_packed(x, members, gate, merge).split([24, 8, 16], dim=-1)
     assert [tuple(out.shape) for out in outs] == [(2, 7, 24), (2, 7, 8), (2, 7, 16)]
     for out, (weight, bias, lora_a, lora_b, scaling) in zip(outs, members):
         expected = fp64_gated_lora(x, weight, bias, lora_a, lora_b, scaling, gate)
@@ -166,10 +166,10 @@ def test_the_merged_weight_follows_its_lora_factors():
     gate = suffix_gate((7,), 3)
     weight, lora_a, lora_b = torch.randn(10, 12), torch.randn(3, 12), torch.zeros(10, 3)
     with torch.no_grad():
-        (before,) = cpu_linear.gated_lora_on_packed(x, [(weight, None, lora_a, lora_b, 2.0)], gate, merge=True)
+        before = cpu_linear.gated_lora_on_packed(x, [(weight, None, lora_a, lora_b, 2.0)], gate, merge=True)
         torch.testing.assert_close(before, prepacked_linear(x, weight))  # B = 0: no LoRA yet
         lora_b.normal_()  # a training step, in place
-        (after,) = cpu_linear.gated_lora_on_packed(x, [(weight, None, lora_a, lora_b, 2.0)], gate, merge=True)
+        after = cpu_linear.gated_lora_on_packed(x, [(weight, None, lora_a, lora_b, 2.0)], gate, merge=True)
     torch.testing.assert_close(after.double(), fp64_gated_lora(x, weight, None, lora_a, lora_b, 2.0, gate),
                                rtol=1e-5, atol=1e-4)
 
@@ -191,10 +191,10 @@ def spy_on_merges(monkeypatch, module):
     rows = []
     original = module.gated_lora_on_packed
 
-    def spy(x, members, gate, merge):
+    def spy(x, members, gate, merge, *args):
         if merge:
             rows.append(x.shape[-2])
-        return original(x, members, gate, merge)
+        return original(x, members, gate, merge, *args)
 
     monkeypatch.setattr(module, "gated_lora_on_packed", spy)
     return rows
@@ -222,7 +222,8 @@ def test_the_gated_lora_op_runs_on_packed_weights_for_a_steps_rows(monkeypatch, 
     calls = []
     original = cpu_linear.gated_lora_on_packed
     monkeypatch.setattr(cpu_linear, "gated_lora_on_packed",
-                        lambda x, members, gate, merge: calls.append(merge) or original(x, members, gate, merge))
+                        lambda x, members, gate, merge, *args: calls.append(merge) or original(x, members, gate, merge,
+                                                                                               *args))
     context = modules.GateContext()
     linear = modules.GatedLoRALinear(torch.nn.Linear(20, 12), rank=4, alpha=8, context=context)
     torch.nn.init.normal_(linear.lora_B.weight)

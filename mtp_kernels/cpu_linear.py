@@ -171,9 +171,20 @@ def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       lora_b: torch.Tensor, scaling: float, gate: torch.Tensor) -> torch.Tensor | None:
     """The gated LoRA op's CPU implementation on packed weights (`mtp_kernels.gated_lora_linear`, checked
     inputs), or None where it does not apply: not fp32 CPU tensors with packing available, an x without
-    rows or features, or more than `PACKED_MAX_ROWS` rows."""
+    rows or features, more than `PACKED_MAX_ROWS` rows, or a trainable base weight or bias.
+
+    Only frozen tensors (requires_grad False) are packed or merged: an optimizer may update a trainable
+    one in place without bumping its version (fused AdamW, the HF Trainer's default, does), which would
+    leave a copy derived from it stale (`mtp_kernels.derived`). Trainable LoRA factors (a patched model's,
+    in training and in `mtp_loss`) therefore add their term from the live factors onto the packed base
+    product."""
     rows = x.numel() // x.shape[-1] if x.ndim >= 2 and x.shape[-1] > 0 else 0
     if not 0 < rows <= PACKED_MAX_ROWS or weight.dtype != x.dtype or not packing_applies(x.device, x.dtype):
         return None
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    if lora_a.requires_grad or lora_b.requires_grad:
+        return reference.add_masked_lora(linear_on_packed(x, weight, bias), x, lora_a, lora_b, scaling,
+                                         reference.lora_row_mask(gate, x.dtype))
     merge = merged_lora_applies(rows, weight.numel())
     return gated_lora_on_packed(x, [(weight, bias, lora_a, lora_b, scaling)], gate, merge).contiguous()

@@ -1,7 +1,7 @@
 """`derived(kind, sources, build)`: a value computed from weights, built once and kept while they live and
-stay unchanged. Inference keeps three such values: oneDNN-packed copies of weights (`cpu_linear`), weights
-with their LoRA merged in (`cpu_linear.gated_lora_on_packed`) and the sampler's token table
-(`sampler.draft_chain`).
+stay unchanged. Inference keeps such values: oneDNN-packed copies of weights (`cpu_linear`), alone or with
+their LoRA factors stacked under them or merged into them (`cpu_linear.gated_lora_on_packed`), and the
+sampler's token table (`sampler.draft_chain`).
 
 An entry is keyed by `kind`, any `extra` hashables and the identity of each source tensor; it holds a weak
 reference to each source and each source's (data pointer, version). An in-place update bumps the version
@@ -10,12 +10,14 @@ freed source drops the entry, and with it the value. (A WeakKeyDictionary would 
 which is elementwise.) Decoding asks for these values in every projection of every step, so a lookup is
 that one comparison.
 
-An edit through `.data` (or a numpy view) changes a tensor's contents without bumping its version, so no
-per-lookup check can see it. For those, the module also keeps a copy of each source's contents as they
-were when a value was last built from it, and `refresh()` drops every value whose source no longer equals
-its copy: a generate call calls it once, before its first step. That is one comparison of each source
-per call, against building every value again per call, which costs about fifteen times more; the price is
-one more copy of each source in memory.
+An edit through `.data` (or a numpy view), or a fused optimizer's step (fused AdamW, the HF Trainer's
+default), changes a tensor's contents without bumping its version, so no per-lookup check can see it.
+Against edits, the module keeps a copy of each source's contents as they were when a value was last
+built from it, and `refresh()` drops every value whose source no longer equals its copy: a generate call
+calls it once, before its first step. That is one comparison of each source per call, against building
+every value again per call, which costs about fifteen times more; the price is one more copy of each
+source in memory. Against optimizers, the gated LoRA op outside decoding derives values only from frozen
+tensors (`cpu_linear.gated_lora_linear`).
 """
 
 from __future__ import annotations

@@ -227,6 +227,7 @@ def test_the_gated_lora_op_runs_on_packed_weights_for_a_steps_rows(monkeypatch, 
     context = modules.GateContext()
     linear = modules.GatedLoRALinear(torch.nn.Linear(20, 12), rank=4, alpha=8, context=context)
     torch.nn.init.normal_(linear.lora_B.weight)
+    linear.requires_grad_(False)  # an inference model's: trainable weights are never packed (next test)
     gate = suffix_gate((1, rows), rows // 2) if suffix else torch.rand(1, rows) < 0.5
     x = torch.randn(1, rows, 20)
     context.set(gate)
@@ -235,6 +236,33 @@ def test_the_gated_lora_op_runs_on_packed_weights_for_a_steps_rows(monkeypatch, 
     assert calls == ([] if merged is None else [merged])
     lora = linear.scaling * (x.double() @ linear.lora_A.weight.double().t()) @ linear.lora_B.weight.double().t()
     expected = fp64_linear(x, linear.weight, linear.bias) + gate[..., None] * lora
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [5, 40])
+@pytest.mark.parametrize("trained", ["lora", "all"])
+def test_the_gated_lora_op_follows_weights_an_optimizer_updates_without_a_version_bump(rows, trained):
+    """Fused AdamW (the HF Trainer's default) writes parameters without bumping their versions: after a
+    step, the op's CPU path must compute with the new LoRA factors (and base weight, when that trains too),
+    not with a packed or merged copy built from the old ones."""
+    torch.manual_seed(rows)
+    context = modules.GateContext()
+    linear = modules.GatedLoRALinear(torch.nn.Linear(20, 12), rank=4, alpha=8, context=context)
+    torch.nn.init.normal_(linear.lora_B.weight)
+    linear.base_layer.requires_grad_(trained == "all")
+    optimizer = torch.optim.AdamW([p for p in linear.parameters() if p.requires_grad], lr=0.1, fused=True)
+    gate, x = suffix_gate((1, rows), rows // 2), torch.randn(1, rows, 20)
+    context.set(gate)
+    with torch.no_grad():
+        linear(x)  # where anything were cached from these weights, it would be now
+    linear(x).square().sum().backward()
+    versions = [p._version for p in linear.parameters()]
+    optimizer.step()
+    assert [p._version for p in linear.parameters()] == versions  # the premise: no version bump
+    with torch.no_grad():
+        out = linear(x)
+    expected = fp64_gated_lora(x, linear.weight, linear.bias, linear.lora_A.weight, linear.lora_B.weight,
+                               linear.scaling, gate)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
 
 

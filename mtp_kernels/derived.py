@@ -12,16 +12,20 @@ that one comparison.
 
 An edit through `.data` (or a numpy view), or a fused optimizer's step (fused AdamW, the HF Trainer's
 default), changes a tensor's contents without bumping its version, so no per-lookup check can see it.
-Against edits, the module keeps a copy of each source's contents as they were when a value was last
-built from it, and `refresh()` drops every value whose source no longer equals its copy: a generate call
-calls it once, before its first step. That is one comparison of each source per call, against building
-every value again per call, which costs about fifteen times more; the price is one more copy of each
-source in memory. Against optimizers, the gated LoRA op outside decoding derives values only from frozen
-tensors (`cpu_linear.gated_lora_linear`).
+The module keeps a copy of each source's contents as they were when a value was last built from it, and
+`refresh()` drops every value whose source no longer equals its copy: a generate call runs in
+`refreshed()`, which refreshes once before its first step. That is one comparison of each source per
+call, against building every value again per call, which costs about fifteen times more; the price is
+one more copy of each source in memory. Outside a generate call an optimizer may step between any two
+lookups: there the gated LoRA op derives values only from frozen tensors (`cpu_linear.gated_lora_linear`),
+and the draft chain compares its trainable sources at each lookup (`compare_trainable`: the sampler's
+input layer, small next to the table built from it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
 from collections.abc import Callable, Hashable
 
@@ -29,17 +33,29 @@ import torch
 
 _cache: dict[tuple, tuple] = {}  # key -> (weak references to the sources, their states, their ids, value)
 _copies: dict[int, tuple] = {}  # id(source) -> (weak reference to it, its contents when a value was built)
+_refreshed: contextvars.ContextVar[bool] = contextvars.ContextVar("mtp_derived_refreshed", default=False)
 
 
 def cache_key(kind: str, sources: tuple[torch.Tensor, ...], *extra: Hashable) -> tuple:
     return (kind, *extra, *map(id, sources))
 
 
-def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], object], *extra: Hashable):
-    """`build()` (run without autograd) for these sources, from the cache when they have not changed."""
+def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], object], *extra: Hashable,
+            compare_trainable: bool = False):
+    """`build()` (run without autograd) for these sources, from the cache when they have not changed.
+
+    compare_trainable: also compare each source that requires grad with its copy at this lookup, for a
+    caller outside decoding (no `refresh()` before it) whose sources an optimizer may write without a
+    version bump; worth it only where those sources are small next to the value's cost to build."""
     key = cache_key(kind, sources, *extra)
     state = [(source.data_ptr(), source._version) for source in sources]
     entry = _cache.get(key)
+    if entry is not None and compare_trainable and not _refreshed.get():
+        for source in sources:
+            kept = _copies.get(id(source))
+            if source.requires_grad and (kept is None or not _same(source, kept[1])):
+                _forget(id(source))
+                entry = None
     # A present entry's sources are alive (freeing one drops the entry), so the ids in its key are theirs.
     if entry is None or entry[1] != state:
         for source in sources:
@@ -51,6 +67,18 @@ def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], ob
             entry = (references, state, {id(source) for source in sources}, build())
         _cache[key] = entry
     return entry[3]
+
+
+@contextlib.contextmanager
+def refreshed():
+    """`refresh()`, then lookups in the block skip `compare_trainable`'s comparisons: for a caller that no
+    optimizer step interleaves with (a generate call)."""
+    refresh()
+    token = _refreshed.set(True)
+    try:
+        yield
+    finally:
+        _refreshed.reset(token)
 
 
 def refresh() -> None:

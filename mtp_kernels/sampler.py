@@ -381,7 +381,8 @@ def _token_table(embed_weight, input_weight):
     if V * h * input_weight.element_size() > TOKEN_TABLE_MAX_BYTES:
         return None
     return derived("token-table", (embed_weight, input_weight),
-                   lambda: F.linear(embed_weight.to(input_weight.dtype), input_weight[:, : two_d // 2]))
+                   lambda: F.linear(embed_weight.to(input_weight.dtype), input_weight[:, : two_d // 2]),
+                   compare_trainable=True)  # a sampler in training: fused AdamW bumps no version
 
 
 # --- the custom ops ------------------------------------------------------------------------------------

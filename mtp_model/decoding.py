@@ -142,10 +142,10 @@ def mtp_generate(model, *args, num_masks: int | None = None, decoding: str | Non
     # Stock's choice: the pad token, else the first EOS token.
     pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
 
-    derived.refresh()  # weights edited without a version bump (through .data) since the last call
-    decoder = Decoder(model, num_masks=num_masks, mode=decoding, use_sampler=use_sampler, params=params,
-                      generator=generator)
-    with torch.no_grad():
+    # Weights edited without a version bump (through .data, by a fused optimizer) since the last call.
+    with derived.refreshed(), torch.no_grad():
+        decoder = Decoder(model, num_masks=num_masks, mode=decoding, use_sampler=use_sampler, params=params,
+                          generator=generator)
         sequences, stats = decoder.run(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id,
                                        arguments.get("streamer"), max_steps)
     sequences = sequences.to(caller_device)

@@ -155,6 +155,23 @@ def test_the_token_table_follows_the_sampler(monkeypatch):
     assert torch.equal(after, without_table) and not torch.equal(before, after)
 
 
+def test_the_token_table_follows_an_optimizer_step_that_bumps_no_version(monkeypatch):
+    """Fused AdamW (the HF Trainer's default) writes the sampler's parameters without bumping their
+    versions; a draft chain called after its step, outside generate, must use the new input layer."""
+    sampler, embed, lm, first, latents = draft_chain_inputs(V=40, d=8, B=2, k=3, seed=5)
+    with torch.no_grad():
+        before = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
+    sampler.input_weight.grad = torch.randn_like(sampler.input_weight)
+    version = sampler.input_weight._version
+    torch.optim.AdamW([sampler.input_weight], lr=1.0, fused=True).step()
+    assert sampler.input_weight._version == version  # the premise: no version bump
+    with torch.no_grad():
+        after = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
+        monkeypatch.setattr(sampler_ops, "TOKEN_TABLE_MAX_BYTES", 0)
+        without_table = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
+    assert torch.equal(after, without_table) and not torch.equal(before, after)
+
+
 def test_a_sampler_that_does_not_fit_the_embeddings_is_named():
     sampler, embed, lm, first, latents = draft_chain_inputs(V=30, d=8, B=2, k=3, seed=2)
     with torch.no_grad(), pytest.raises(ValueError, match="input layer"):

@@ -13,7 +13,7 @@ faster in MKL, which is why plain decoding keeps it. The results agree with F.li
 
 The packed copy costs one more copy of each weight it serves; it lives as long as the weight tensor and is
 rebuilt when the weight changes (`mtp_kernels.derived`). `prepacked_linear` is plain `F.linear` where
-packing does not apply: autograd on, a dtype other than fp32, a non-CPU tensor, `MTP_KERNELS=reference`,
+packing does not apply: autograd on, a trainable weight outside a generate call, a dtype other than fp32, a non-CPU tensor, `MTP_KERNELS=reference`,
 oneDNN disabled (`torch.backends.mkldnn.flags`) or missing from this torch build (one warning). Decoding
 asks `packing_applies` once per generate call and then calls `linear_on_packed`, which checks nothing.
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from mtp_kernels import backend, reference
-from mtp_kernels.derived import derived
+from mtp_kernels.derived import derived, in_refreshed
 
 # Where merging the LoRA into a second copy of the weight beats adding it (see gated_lora_on_packed): up to
 # this many rows, and weights of up to this many elements (4 MB of fp32; past that a product's cost is its
@@ -77,9 +77,12 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, through oneDNN on a packed copy of `weight` where that applies."""
+    """`F.linear(x, weight, bias)`, through oneDNN on a packed copy of `weight` where that applies. A weight
+    that requires grad is packed only inside a generate call (`derived.refreshed()`): elsewhere an optimizer
+    may have written it without a version bump (fused AdamW) since its copy was packed."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if needs_grad or x.dtype != weight.dtype or not packing_applies(x.device, x.dtype):
+    trainable = weight.requires_grad and not in_refreshed()
+    if needs_grad or trainable or x.dtype != weight.dtype or not packing_applies(x.device, x.dtype):
         return F.linear(x, weight, bias)
     if x.shape[-1] != weight.shape[1]:  # oneDNN's own message would not name the problem
         raise ValueError(f"x has {x.shape[-1]} features but the weight takes {weight.shape[1]}")

@@ -17,7 +17,7 @@ The module keeps a copy of each source's contents as they were when a value was 
 `refreshed()`, which refreshes once before its first step. That is one comparison of each source per
 call, against building every value again per call, which costs about fifteen times more; the price is
 one more copy of each source in memory. Outside a generate call an optimizer may step between any two
-lookups: there the gated LoRA op derives values only from frozen tensors (`cpu_linear.gated_lora_linear`),
+lookups: there `prepacked_linear` and the gated LoRA op derive values only from frozen tensors (`cpu_linear`),
 and the draft chain compares its trainable sources at each lookup (`compare_trainable`: the sampler's
 input layer, small next to the table built from it).
 """
@@ -50,7 +50,7 @@ def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], ob
     key = cache_key(kind, sources, *extra)
     state = [(source.data_ptr(), source._version) for source in sources]
     entry = _cache.get(key)
-    if entry is not None and compare_trainable and not _refreshed.get():
+    if entry is not None and compare_trainable and not in_refreshed():
         for source in sources:
             kept = _copies.get(id(source))
             if source.requires_grad and (kept is None or not _same(source, kept[1])):
@@ -79,6 +79,11 @@ def refreshed():
         yield
     finally:
         _refreshed.reset(token)
+
+
+def in_refreshed() -> bool:
+    """Whether this code runs inside `refreshed()` (a generate call)."""
+    return _refreshed.get()
 
 
 def refresh() -> None:

@@ -79,6 +79,21 @@ def test_is_f_linear_bit_for_bit_where_packing_does_not_apply(monkeypatch, case)
         assert torch.equal(prepacked_linear(x, weight), expected)
 
 
+def test_a_trainable_weight_is_packed_only_inside_a_generate_call():
+    """Fused AdamW writes a parameter without bumping its version: outside a generate call (which refreshes
+    first) prepacked_linear must not serve it from a copy packed before the step."""
+    weight = torch.nn.Parameter(torch.randn(12, 20))
+    x = torch.randn(6, 20)
+    with derived.refreshed(), torch.no_grad():
+        prepacked_linear(x, weight)  # packed here, as in decoding
+    weight.grad = torch.randn_like(weight)
+    torch.optim.AdamW([weight], lr=1.0, fused=True).step()
+    with torch.no_grad():
+        assert torch.equal(prepacked_linear(x, weight), F.linear(x, weight))
+        with derived.refreshed():
+            torch.testing.assert_close(prepacked_linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
 def test_a_build_without_onednn_warns_once_and_uses_f_linear(monkeypatch):
     monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
     backend.warn_once.cache_clear()

@@ -8,11 +8,13 @@ transformers reads GGUF files (dequantising them to float32) but cannot save suc
 copies the dequantised weights into a model built from the same config and saves that, so later loads
 take a second instead of a dequantisation. The GGUF's architecture is checked before anything is loaded.
 Known models live in `KNOWN_MODELS`: a registry package that ships a GGUF file, found without importing
-the package (the SmolLM2 package imports a llama.cpp binding we do not need).
+the package (the SmolLM2 package imports a llama.cpp binding we do not need). `model_dir` is the argparse
+type of the commands' `--model`: a local directory or a known model's name.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import shutil
@@ -122,6 +124,22 @@ def model_directory(name_or_path: str | Path) -> Path:
     if not (out_dir / "config.json").is_file():
         convert_gguf(known_gguf(str(name_or_path)), out_dir)
     return out_dir
+
+
+def model_dir(text: str) -> Path:
+    """An argparse `type`: a local Hugging Face model directory (one with a config.json), or the name of a
+    known model (`mtp fetch`), whose cached directory it returns (converting it on first use)."""
+    if text in KNOWN_MODELS:
+        try:
+            return model_directory(text)
+        except RuntimeError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such directory")
+    if not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a model directory (no config.json)")
+    return path
 
 
 def convert_main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 Errors, the same for every command. Options and input files are checked before any model is loaded, so a
 mistake costs seconds, not a model load: a bad value, a missing or malformed file is a usage error, one line
 `mtp <command>: error: ...` naming the option, or the file and line, on stderr with exit code 2 (argparse's
-convention; `ArgumentParser`, `bounded`, `model_dir` and `read_or_exit` are the shared pieces). An error
+convention; `ArgumentParser`, `bounded`, `read_or_exit` and `checkpoints.model_dir` are the shared pieces). An error
 the library raises while a command runs (ValueError, OSError, RuntimeError: their messages are written for
 users) is printed by `main` as the same one line with exit code 1; `MTP_TRACEBACK=1` shows the traceback.
 """
@@ -59,24 +59,6 @@ def bounded(kind, low=None, high=None, low_open: bool = False):
         return value
 
     return parse
-
-
-def model_dir(text: str) -> Path:
-    """An argparse `type`: a local Hugging Face model directory (one with a config.json), or the name of a
-    known model (`mtp fetch`), whose cached directory it returns (converting it on first use)."""
-    from mtp_model.checkpoints import KNOWN_MODELS, model_directory
-
-    if text in KNOWN_MODELS:
-        try:
-            return model_directory(text)
-        except RuntimeError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    path = Path(text)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: no such directory")
-    if not (path / "config.json").is_file():
-        raise argparse.ArgumentTypeError(f"{text}: not a model directory (no config.json)")
-    return path
 
 
 def read_or_exit(parser: argparse.ArgumentParser, read, path, *args):

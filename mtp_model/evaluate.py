@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from mtp_model.cli import ArgumentParser, bounded, model_dir, read_or_exit
+from mtp_model.checkpoints import model_dir
+from mtp_model.cli import ArgumentParser, bounded, read_or_exit
 from mtp_model.data import iter_jsonl, prompt_ids
 
 MODES = ("quadratic", "linear")

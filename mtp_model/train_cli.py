@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mtp_model.cli import ArgumentParser, bounded, model_dir, read_or_exit
+from mtp_model.checkpoints import model_dir
+from mtp_model.cli import ArgumentParser, bounded, read_or_exit
 
 
 # --lr-schedule -> the Trainer's scheduler; each warms up linearly over --warmup-steps first

@@ -2,7 +2,8 @@
 through MTP with a fresh adapter and with the shipped one, which must draft tokens that are accepted: at
 its defaults (1 mask, at most 2 tokens a step) more than 1.45 tokens per step on two prompts (it measured
 1.67), and with 4 masks more than 2 on two list-like prompts (it measured 2.91 on each; 1.9-2.3 on code,
-benchmarks/results/README.md has the public prompts). Skipped where the package is not installed (`make
+benchmarks/results/README.md has the public prompts); and a left-padded batch of three prompts in three
+decoding configurations, against stock's batch output. Skipped where the package is not installed (`make
 test` installs it)."""
 
 import importlib.util
@@ -77,5 +78,23 @@ def test_the_shipped_adapter_gives_stock_output_in_fewer_steps(smollm2, prompts,
                                          max_new_tokens=64, do_sample=False)
             assert torch.equal(ours, stock), text
         assert tokens / steps > floor, tokens / steps
+    finally:
+        mtp_model.unpatch(model)
+
+
+@pytest.mark.skipif(NAME not in shipped_adapters(), reason="this package ships no SmolLM2 adapter yet")
+def test_a_left_padded_batch_gives_stock_batch_output(smollm2):
+    model, tokenizer = smollm2
+    rows = [chat(tokenizer, text)[0].tolist() for text in LIST_PROMPTS[:1] + PROMPTS]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    stock = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=40, do_sample=False)
+    mtp_model.patch(model, adapter=NAME)
+    try:
+        for options in ({}, {"num_masks": 4, "decoding": "quadratic"}, {"num_masks": 2, "decoding": "linear"}):
+            ours = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=40, **options)
+            assert torch.equal(ours, stock), options
+            assert model.mtp_stats["tokens_per_step"] > 1.2, options
     finally:
         mtp_model.unpatch(model)

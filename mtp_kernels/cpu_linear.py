@@ -12,17 +12,21 @@ faster in MKL, which is why plain decoding keeps it. The results agree with F.li
 `benchmarks/results/README.md`.
 
 The packed copy costs one more copy of each weight it serves; it lives as long as the weight tensor and is
-rebuilt when the weight changes (`mtp_kernels.derived`). `prepacked_linear` is plain `F.linear` where
-packing does not apply: autograd on, a trainable weight outside a generate call, a dtype other than fp32, a non-CPU tensor, `MTP_KERNELS=reference`,
-oneDNN disabled (`torch.backends.mkldnn.flags`) or missing from this torch build (one warning). Decoding
-asks `packing_applies` once per generate call and then calls `linear_on_packed`, which checks nothing.
+rebuilt when the weight changes (`mtp_kernels.derived`). A tensor that requires grad is packed (or
+merged) only inside a generate call (`derived.refreshed()`): elsewhere an optimizer may have written it
+without a version bump (fused AdamW, the HF Trainer's default) since its copy was made. `prepacked_linear`
+is plain `F.linear` where packing does not apply: autograd on, such a trainable weight, a dtype other
+than fp32, a non-CPU tensor, `MTP_KERNELS=reference`, oneDNN disabled (`torch.backends.mkldnn.flags`) or
+missing from this torch build (one warning). Decoding asks `packing_applies` once per generate call and
+then calls `linear_on_packed`, which checks nothing.
 
 Merged LoRA (`gated_lora_on_packed(..., merge=True)`): the LoRA term of the gated rows (a step's mask
 tokens) by one product against the packed pair [W; W + scaling B A], each row keeping the half its gate
-selects, instead of the stacked product's two more small ops (the gate, the B product). It reads twice the weights, so it
-pays only where a step's fixed per-op costs dominate: few rows and small weights (`merged_lora_applies`,
-which the op asks), and a model whose weights, doubled, stay near the cache (`merged_lora_fits`, which
-`step_forward` also asks); a model that streams its weights from memory pays the doubled width in full.
+selects, instead of the stacked product's two more small ops (the gate, the B product). It reads twice
+the weights, so it pays only where a step's fixed per-op costs dominate: few rows and small weights
+(`merged_lora_applies`, which the op asks), and a model whose weights, doubled, stay near the cache
+(`merged_lora_fits`, which `step_forward` also asks); a model that streams its weights from memory pays
+the doubled width in full.
 """
 
 from __future__ import annotations
@@ -174,19 +178,16 @@ def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       lora_b: torch.Tensor, scaling: float, gate: torch.Tensor) -> torch.Tensor | None:
     """The gated LoRA op's CPU implementation on packed weights (`mtp_kernels.gated_lora_linear`, checked
     inputs), or None where it does not apply: not fp32 CPU tensors with packing available, an x without
-    rows or features, more than `PACKED_MAX_ROWS` rows, or a trainable base weight or bias.
-
-    Only frozen tensors (requires_grad False) are packed or merged: an optimizer may update a trainable
-    one in place without bumping its version (fused AdamW, the HF Trainer's default, does), which would
-    leave a copy derived from it stale (`mtp_kernels.derived`). Trainable LoRA factors (a patched model's,
-    in training and in `mtp_loss`) therefore add their term from the live factors onto the packed base
-    product."""
+    rows or features, more than `PACKED_MAX_ROWS` rows, or a trainable base weight or bias outside a
+    generate call. Trainable LoRA factors there (a patched model's, in training and in `mtp_loss`) add
+    their term from the live factors onto the packed base product (module docstring: trainable tensors)."""
     rows = x.numel() // x.shape[-1] if x.ndim >= 2 and x.shape[-1] > 0 else 0
     if not 0 < rows <= PACKED_MAX_ROWS or weight.dtype != x.dtype or not packing_applies(x.device, x.dtype):
         return None
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    trusted = in_refreshed()
+    if not trusted and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return None
-    if lora_a.requires_grad or lora_b.requires_grad:
+    if not trusted and (lora_a.requires_grad or lora_b.requires_grad):
         return reference.add_masked_lora(linear_on_packed(x, weight, bias), x, lora_a, lora_b, scaling,
                                          reference.lora_row_mask(gate, x.dtype))
     merge = merged_lora_applies(rows, weight.numel())

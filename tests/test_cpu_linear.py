@@ -281,6 +281,24 @@ def test_the_gated_lora_op_follows_weights_an_optimizer_updates_without_a_versio
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_inside_a_generate_call_trainable_weights_run_packed(monkeypatch):
+    """Where a generate call has refreshed the cache (`derived.refreshed()`), no optimizer steps: the op's
+    CPU path packs and merges a trainable layer's tensors too."""
+    calls = []
+    original = cpu_linear.gated_lora_on_packed
+    monkeypatch.setattr(cpu_linear, "gated_lora_on_packed", lambda *args: calls.append(args[3]) or original(*args))
+    context = modules.GateContext()
+    linear = modules.GatedLoRALinear(torch.nn.Linear(20, 12), rank=4, alpha=8, context=context)
+    x, gate = torch.randn(1, 5, 20), suffix_gate((1, 5), 2)
+    context.set(gate)
+    with torch.no_grad():
+        outside = linear(x)
+        with derived.refreshed():
+            inside = linear(x)
+    assert calls == [True]  # the merged product, inside only
+    torch.testing.assert_close(inside, outside, rtol=1e-5, atol=1e-5)
+
+
 def test_a_model_too_large_for_the_cache_never_merges(monkeypatch):
     """Merged products double the weights a step reads: only models whose gated weights, doubled, stay
     near the last-level cache use them (the 4M demo model does, SmolLM2-135M does not)."""

@@ -12,13 +12,12 @@ faster in MKL, which is why plain decoding keeps it. The results agree with F.li
 `benchmarks/results/README.md`.
 
 The packed copy costs one more copy of each weight it serves; it lives as long as the weight tensor and is
-rebuilt when the weight changes (`mtp_kernels.derived`). A tensor that requires grad is packed (or
-merged) only inside a generate call (`derived.refreshed()`): elsewhere an optimizer may have written it
-without a version bump (fused AdamW, the HF Trainer's default) since its copy was made. `prepacked_linear`
-is plain `F.linear` where packing does not apply: autograd on, such a trainable weight, a dtype other
-than fp32, a non-CPU tensor, `MTP_KERNELS=reference`, oneDNN disabled (`torch.backends.mkldnn.flags`) or
-missing from this torch build (one warning). Decoding asks `packing_applies` once per generate call and
-then calls `linear_on_packed`, which checks nothing.
+rebuilt when the weight changes (`mtp_kernels.derived`); a tensor that requires grad is packed (or
+merged) only inside a generate call (`derived.trusted`). `prepacked_linear` is plain `F.linear` where
+packing does not apply: autograd on, such a trainable weight, a dtype other than fp32, a non-CPU tensor,
+`MTP_KERNELS=reference`, oneDNN disabled (`torch.backends.mkldnn.flags`) or missing from this torch build
+(one warning). Decoding asks `packing_applies` once per generate call and then calls `linear_on_packed`,
+which checks nothing.
 
 Merged LoRA (`gated_lora_on_packed(..., merge=True)`): the LoRA term of the gated rows (a step's mask
 tokens) by one product against the packed pair [W; W + scaling B A], each row keeping the half its gate
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from mtp_kernels import backend, reference
-from mtp_kernels.derived import derived, in_refreshed
+from mtp_kernels.derived import derived, trusted
 
 # Where merging the LoRA into a second copy of the weight beats adding it (see gated_lora_on_packed): up to
 # this many rows, and weights of up to this many elements (4 MB of fp32; past that a product's cost is its
@@ -81,12 +80,9 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, through oneDNN on a packed copy of `weight` where that applies. A weight
-    that requires grad is packed only inside a generate call (`derived.refreshed()`): elsewhere an optimizer
-    may have written it without a version bump (fused AdamW) since its copy was packed."""
+    """`F.linear(x, weight, bias)`, through oneDNN on a packed copy of `weight` where that applies."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    trainable = weight.requires_grad and not in_refreshed()
-    if needs_grad or trainable or x.dtype != weight.dtype or not packing_applies(x.device, x.dtype):
+    if needs_grad or not trusted(weight) or x.dtype != weight.dtype or not packing_applies(x.device, x.dtype):
         return F.linear(x, weight, bias)
     if x.shape[-1] != weight.shape[1]:  # oneDNN's own message would not name the problem
         raise ValueError(f"x has {x.shape[-1]} features but the weight takes {weight.shape[1]}")
@@ -180,14 +176,13 @@ def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     inputs), or None where it does not apply: not fp32 CPU tensors with packing available, an x without
     rows or features, more than `PACKED_MAX_ROWS` rows, or a trainable base weight or bias outside a
     generate call. Trainable LoRA factors there (a patched model's, in training and in `mtp_loss`) add
-    their term from the live factors onto the packed base product (module docstring: trainable tensors)."""
+    their term from the live factors onto the packed base product (`derived.trusted`)."""
     rows = x.numel() // x.shape[-1] if x.ndim >= 2 and x.shape[-1] > 0 else 0
     if not 0 < rows <= PACKED_MAX_ROWS or weight.dtype != x.dtype or not packing_applies(x.device, x.dtype):
         return None
-    trusted = in_refreshed()
-    if not trusted and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if not trusted(weight, bias):
         return None
-    if not trusted and (lora_a.requires_grad or lora_b.requires_grad):
+    if not trusted(lora_a, lora_b):
         return reference.add_masked_lora(linear_on_packed(x, weight, bias), x, lora_a, lora_b, scaling,
                                          reference.lora_row_mask(gate, x.dtype))
     merge = merged_lora_applies(rows, weight.numel())

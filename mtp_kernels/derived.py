@@ -17,9 +17,7 @@ The module keeps a copy of each source's contents as they were when a value was 
 `refreshed()`, which refreshes once before its first step. That is one comparison of each source per
 call, against building every value again per call, which costs about fifteen times more; the price is
 one more copy of each source in memory. Outside a generate call an optimizer may step between any two
-lookups: there `prepacked_linear` and the gated LoRA op derive values only from frozen tensors (`cpu_linear`),
-and the draft chain compares its trainable sources at each lookup (`compare_trainable`: the sampler's
-input layer, small next to the table built from it).
+lookups, so callers derive values only from `trusted` tensors: frozen ones, or any inside `refreshed()`.
 """
 
 from __future__ import annotations
@@ -40,22 +38,12 @@ def cache_key(kind: str, sources: tuple[torch.Tensor, ...], *extra: Hashable) ->
     return (kind, *extra, *map(id, sources))
 
 
-def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], object], *extra: Hashable,
-            compare_trainable: bool = False):
-    """`build()` (run without autograd) for these sources, from the cache when they have not changed.
-
-    compare_trainable: also compare each source that requires grad with its copy at this lookup, for a
-    caller outside decoding (no `refresh()` before it) whose sources an optimizer may write without a
-    version bump; worth it only where those sources are small next to the value's cost to build."""
+def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], object], *extra: Hashable):
+    """`build()` (run without autograd) for these sources, from the cache when they have not changed; the
+    caller checks `trusted(*sources)` first."""
     key = cache_key(kind, sources, *extra)
     state = [(source.data_ptr(), source._version) for source in sources]
     entry = _cache.get(key)
-    if entry is not None and compare_trainable and not in_refreshed():
-        for source in sources:
-            kept = _copies.get(id(source))
-            if source.requires_grad and (kept is None or not _same(source, kept[1])):
-                _forget(id(source))
-                entry = None
     # A present entry's sources are alive (freeing one drops the entry), so the ids in its key are theirs.
     if entry is None or entry[1] != state:
         for source in sources:
@@ -71,8 +59,8 @@ def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], ob
 
 @contextlib.contextmanager
 def refreshed():
-    """`refresh()`, then lookups in the block skip `compare_trainable`'s comparisons: for a caller that no
-    optimizer step interleaves with (a generate call)."""
+    """`refresh()`, then every tensor is `trusted` in the block: for a caller that no optimizer step
+    interleaves with (a generate call)."""
     refresh()
     token = _refreshed.set(True)
     try:
@@ -81,9 +69,11 @@ def refreshed():
         _refreshed.reset(token)
 
 
-def in_refreshed() -> bool:
-    """Whether this code runs inside `refreshed()` (a generate call)."""
-    return _refreshed.get()
+def trusted(*tensors: torch.Tensor | None) -> bool:
+    """Whether values derived from these tensors (None: absent) may be cached: each requires no grad, or
+    this runs inside `refreshed()`. A trainable tensor may be written by an optimizer without a version bump
+    (fused AdamW, the HF Trainer's default) between any two lookups, where no check can see it."""
+    return _refreshed.get() or not any(t is not None and t.requires_grad for t in tensors)
 
 
 def refresh() -> None:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from mtp_kernels import backend, reference
 from mtp_kernels.checks import FLOAT_DTYPES, check_tensor
 from mtp_kernels.cpu_linear import linear_on_packed, packing_applies
-from mtp_kernels.derived import derived
+from mtp_kernels.derived import derived, trusted
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -376,13 +376,13 @@ def _draft_chain(first_tokens, latents, embed_weight, lm_weight, sampler, temper
 
 def _token_table(embed_weight, input_weight):
     """E W_e^T [V, h] (W_e: the embedding half of the sampler's input layer `input_weight` [h, 2d]) when it
-    takes at most TOKEN_TABLE_MAX_BYTES; else None."""
+    takes at most TOKEN_TABLE_MAX_BYTES and may be cached (`derived.trusted`: a sampler in training may
+    not); else None."""
     V, (h, two_d) = embed_weight.shape[0], input_weight.shape
-    if V * h * input_weight.element_size() > TOKEN_TABLE_MAX_BYTES:
+    if V * h * input_weight.element_size() > TOKEN_TABLE_MAX_BYTES or not trusted(embed_weight, input_weight):
         return None
     return derived("token-table", (embed_weight, input_weight),
-                   lambda: F.linear(embed_weight.to(input_weight.dtype), input_weight[:, : two_d // 2]),
-                   compare_trainable=True)  # a sampler in training: fused AdamW bumps no version
+                   lambda: F.linear(embed_weight.to(input_weight.dtype), input_weight[:, : two_d // 2]))
 
 
 # --- the custom ops ------------------------------------------------------------------------------------

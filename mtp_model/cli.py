@@ -3,9 +3,10 @@
 Errors, the same for every command. Options and input files are checked before any model is loaded, so a
 mistake costs seconds, not a model load: a bad value, a missing or malformed file is a usage error, one line
 `mtp <command>: error: ...` naming the option, or the file and line, on stderr with exit code 2 (argparse's
-convention; `ArgumentParser`, `bounded`, `read_or_exit` and `checkpoints.model_dir` are the shared pieces). An error
-the library raises while a command runs (ValueError, OSError, RuntimeError: their messages are written for
-users) is printed by `main` as the same one line with exit code 1; `MTP_TRACEBACK=1` shows the traceback.
+convention; `ArgumentParser`, `bounded`, `read_or_exit` and `checkpoints.model_dir` are the shared
+pieces). An error the library raises while a command runs (ValueError, OSError, RuntimeError: their
+messages are written for users) is printed by `main` as the same one line with exit code 1;
+`MTP_TRACEBACK=1` shows the traceback.
 """
 
 from __future__ import annotations

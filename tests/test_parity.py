@@ -317,10 +317,11 @@ def test_the_token_table_follows_an_edit_through_data():
     sampler, embed, head = model.mtp.sampler.weights(), model.model.embed_tokens.weight, model.lm_head.weight
     latents, first = torch.randn(2, 3, 64), torch.tensor([4, 9])
     with torch.no_grad():
-        draft_chain(sampler, embed, head, first, latents)  # builds the table
+        with derived.refreshed():  # as in a generate call: the trainable sampler's table is kept
+            draft_chain(sampler, embed, head, first, latents)  # builds the table
         sampler.input_weight.data.mul_(-3.0)
-        derived.refresh()  # what each generate call does first
-        cached = draft_chain(sampler, embed, head, first, latents)
+        with derived.refreshed():  # what each generate call does first
+            cached = draft_chain(sampler, embed, head, first, latents)
         derived._cache.clear()
         assert torch.equal(cached, draft_chain(sampler, embed, head, first, latents, SamplingParams()))
 

@@ -119,7 +119,7 @@ def draft_chain_inputs(V, d, B, k, seed):
     """(sampler weights, embed [V, d], lm [V, d], first tokens [B], latents [B, k, d]) for draft_chain."""
     torch.manual_seed(seed)
     embed, lm = torch.randn(V, d), torch.randn(V, d)
-    sampler = SamplerHead(d)
+    sampler = SamplerHead(d).requires_grad_(False)  # an inference model's, as decoding sees it
     for module in sampler.mlp:  # LayerNorms away from their identity initialisation
         if isinstance(module, torch.nn.LayerNorm):
             torch.nn.init.normal_(module.weight)
@@ -159,6 +159,7 @@ def test_the_token_table_follows_an_optimizer_step_that_bumps_no_version(monkeyp
     """Fused AdamW (the HF Trainer's default) writes the sampler's parameters without bumping their
     versions; a draft chain called after its step, outside generate, must use the new input layer."""
     sampler, embed, lm, first, latents = draft_chain_inputs(V=40, d=8, B=2, k=3, seed=5)
+    sampler.input_weight.requires_grad_(True)  # a sampler in training
     with torch.no_grad():
         before = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
     sampler.input_weight.grad = torch.randn_like(sampler.input_weight)

@@ -13,9 +13,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(params=["reference", "interpret"])
+@pytest.fixture(params=["torch", "interpret"])
 def kernel_mode(request, monkeypatch):
-    """Runs a CPU test once through the torch reference and once through the Triton interpreter."""
+    """Runs a CPU test once through the torch implementations and once through the Triton interpreter."""
     monkeypatch.setenv("MTP_KERNELS", request.param)
     return request.param
 

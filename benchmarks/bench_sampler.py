@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from common import DEVICE, DTYPE, ON_GPU, check_target, grid, median_seconds, run
 
 import mtp_kernels
-from mtp_kernels import SamplingParams, reference
+from mtp_kernels import SamplingParams, torch_ops
 
 VOCABS = grid([32000, 128256, 151936], [1000])
 DIMS = grid([2048, 4096], [64])
@@ -68,7 +68,7 @@ TOP_K_TOP_P = SamplingParams(0.8, top_k=50, top_p=0.9)
 
 
 def torch_top_k_top_p(hidden, weight):
-    logits = reference.filter_logits(F.linear(hidden, weight).float(), 0.8, TOP_K_TOP_P.top_k, TOP_K_TOP_P.top_p)
+    logits = torch_ops.filter_logits(F.linear(hidden, weight).float(), 0.8, TOP_K_TOP_P.top_k, TOP_K_TOP_P.top_p)
     return torch.multinomial(logits.softmax(-1), 1)
 
 

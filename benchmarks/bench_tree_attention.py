@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from common import DEVICE, DTYPE, check_target, grid, median_seconds, run
 
 import mtp_kernels
-from mtp_kernels import reference
+from mtp_kernels import torch_ops
 from mtp_model.layout import step_layout
 
 HEADS, KV_HEADS, HEAD_DIM = grid((32, 8, 128), (4, 2, 64))
@@ -45,7 +45,7 @@ def test_tree_attention(benchmark, batch, prefix, T):
     q, k, v, lengths, block_mask = inputs(batch, prefix, T)
     benchmark.group = f"attention B={batch} prefix={prefix} T={T}"
     run(benchmark, mtp_kernels.tree_attention, q, k, v, lengths, block_mask)
-    mask = reference.tree_attention_allowed(lengths, block_mask, k.shape[2])[:, None]
+    mask = torch_ops.tree_attention_allowed(lengths, block_mask, k.shape[2])[:, None]
     speedup = (median_seconds(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
                / median_seconds(mtp_kernels.tree_attention, q, k, v, lengths, block_mask))
     if T == 81 and prefix >= 2048:
@@ -58,7 +58,7 @@ def test_tree_attention(benchmark, batch, prefix, T):
 def test_sdpa_materialised_mask(benchmark, batch, prefix, T):
     q, k, v, lengths, block_mask = inputs(batch, prefix, T)
     benchmark.group = f"attention B={batch} prefix={prefix} T={T}"
-    mask = reference.tree_attention_allowed(lengths, block_mask, k.shape[2])[:, None]
+    mask = torch_ops.tree_attention_allowed(lengths, block_mask, k.shape[2])[:, None]
     run(benchmark, F.scaled_dot_product_attention, q, k, v, attn_mask=mask, enable_gqa=True)
 
 

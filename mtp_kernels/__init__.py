@@ -3,12 +3,13 @@
 Each op is a torch custom op (`torch.ops.mtp_kernels.<name>`, with a fake implementation, so that
 torch.compile(fullgraph=True) traces through it) behind a public function of the same name that validates
 its inputs once. Inside, CUDA tensors run compiled Triton (or the CUDA extension) and CPU tensors the best
-CPU implementation (the torch reference, SDPA, oneDNN on a packed LM head); `MTP_KERNELS=interpret` runs
+CPU implementation (`torch_ops`, SDPA, oneDNN on a packed LM head); `MTP_KERNELS=interpret` runs
 the Triton kernels through Triton's interpreter instead (see `mtp_kernels.backend`). `prepacked_linear` is
-the CPU's counterpart for decoding's short products: oneDNN on weights packed once.
+the CPU's counterpart for decoding's short products: oneDNN on weights packed once. The tests'
+oracle, `tests/reference.py`, defines what each op computes (in float64).
 """
 
-from mtp_kernels import backend, reference
+from mtp_kernels import backend, torch_ops
 from mtp_kernels.cpu_linear import prepacked_linear
 from mtp_kernels.gated_lora import gated_lora_linear
 from mtp_kernels.kv_compact import kv_compact
@@ -29,6 +30,6 @@ __all__ = [
     "kv_compact",
     "linear_cross_entropy",
     "prepacked_linear",
-    "reference",
+    "torch_ops",
     "tree_attention",
 ]

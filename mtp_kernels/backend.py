@@ -1,13 +1,13 @@
-"""Where each op runs: compiled Triton on CUDA, the Triton interpreter or the torch reference on CPU.
+"""Where each op runs: compiled Triton on CUDA, the Triton interpreter or torch on CPU.
 
 Every op is a torch custom op whose implementation asks `use_triton(tensor)` once per call:
 
-- CUDA tensor: the compiled Triton kernel (if Triton can drive the GPU; otherwise the torch reference
+- CUDA tensor: the compiled Triton kernel (if Triton can drive the GPU; otherwise `torch_ops`
   with one warning).
-- CPU tensor: the CPU implementation (`mtp_kernels.reference`, SDPA for tree attention, oneDNN on packed
+- CPU tensor: the CPU implementation (`mtp_kernels.torch_ops`, SDPA for tree attention, oneDNN on packed
   weights for the LM head), unless `MTP_KERNELS=interpret`, which runs the same Triton kernels through
   Triton's interpreter so they can be checked without a GPU.
-- `MTP_KERNELS=reference` forces the torch reference everywhere.
+- `MTP_KERNELS=torch` forces the torch implementations (`torch_ops`, F.linear) everywhere.
 
 The environment variable is read at every call, so tests can switch modes per test.
 
@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-MODES = ("auto", "interpret", "reference")
+MODES = ("auto", "interpret", "torch")
 ENV_VAR = "MTP_KERNELS"
 
 try:
@@ -44,7 +44,7 @@ try:
     from triton.runtime.jit import JITFunction
 
     HAS_TRITON = True
-except ImportError:  # triton only ships for Linux; everything still runs through the reference
+except ImportError:  # triton only ships for Linux; everything still runs through torch_ops
     triton = None
     HAS_TRITON = False
 
@@ -86,12 +86,12 @@ def warn_once(message: str) -> None:
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether an op called on `tensor` should run its Triton kernel (compiled or interpreted)."""
     requested = mode()
-    if requested == "reference":
+    if requested == "torch":
         return False
     if tensor.is_cuda:
         if triton_can_drive_cuda():
             return True
-        warn_once("mtp_kernels: Triton cannot launch on this GPU; using the torch reference ops")
+        warn_once("mtp_kernels: Triton cannot launch on this GPU; using the torch implementations")
         return False
     if requested == "interpret":
         if not HAS_TRITON:

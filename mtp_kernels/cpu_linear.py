@@ -15,7 +15,7 @@ The packed copy costs one more copy of each weight it serves; it lives as long a
 rebuilt when the weight changes (`mtp_kernels.derived`); a tensor that requires grad is packed (or
 merged) only inside a generate call (`derived.trusted`). `prepacked_linear` is plain `F.linear` where
 packing does not apply: autograd on, such a trainable weight, a dtype other than fp32, a non-CPU tensor,
-`MTP_KERNELS=reference`, oneDNN disabled (`torch.backends.mkldnn.flags`) or missing from this torch build
+`MTP_KERNELS=torch`, oneDNN disabled (`torch.backends.mkldnn.flags`) or missing from this torch build
 (one warning). Decoding asks `packing_applies` once per generate call and then calls `linear_on_packed`,
 which checks nothing.
 
@@ -35,7 +35,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from mtp_kernels import backend, reference
+from mtp_kernels import backend, torch_ops
 from mtp_kernels.derived import derived, trusted
 
 # Where merging the LoRA into a second copy of the weight beats adding it (see gated_lora_on_packed): up to
@@ -64,8 +64,8 @@ def onednn_available() -> bool:
 
 def packing_applies(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether fp32 products on `device` may run on packed weights here: a CPU, fp32, not
-    `MTP_KERNELS=reference`, oneDNN built in (else one warning) and enabled."""
-    if torch.device(device).type != "cpu" or dtype != torch.float32 or backend.mode() == "reference":
+    `MTP_KERNELS=torch`, oneDNN built in (else one warning) and enabled."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32 or backend.mode() == "torch":
         return False
     if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
         return False
@@ -112,7 +112,7 @@ def gated_lora_on_packed(x: torch.Tensor, members, gate: torch.Tensor | None, me
     members [(weight, bias, lora_a, lora_b, scaling)] (a single linear; or a layer's q, k, v, or its gate and
     up): the members' `x W^T + b + scaling * gate * (x A^T) B^T` side by side, [..., T, out_1 + .. + out_n],
     with `linear_on_packed`'s preconditions; possibly a view of a wider product (strided rows).
-    row_mask: `reference.lora_row_mask(gate, x.dtype)`, from a caller that runs many products under one gate.
+    row_mask: `torch_ops.lora_row_mask(gate, x.dtype)`, from a caller that runs many products under one gate.
 
     merge=False: one product against the packed [W_1; ..; W_n; A_1; ..; A_n] gives every row its base
     outputs and its LoRA activations; the gated rows' activations go through one product with the
@@ -142,7 +142,7 @@ def gated_lora_on_packed(x: torch.Tensor, members, gate: torch.Tensor | None, me
                              lambda: torch.block_diag(*(scaling * lora_b for *_, lora_b, scaling in members)).t(),
                              *scalings)
             if row_mask is None:
-                row_mask = reference.lora_row_mask(gate, x.dtype)
+                row_mask = torch_ops.lora_row_mask(gate, x.dtype)
             activations = both[..., width:].reshape(-1, expand.shape[0]) * row_mask
             out.view(-1, width).addmm_(activations, expand)
     return out
@@ -183,7 +183,7 @@ def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if not trusted(weight, bias):
         return None
     if not trusted(lora_a, lora_b):
-        return reference.add_masked_lora(linear_on_packed(x, weight, bias), x, lora_a, lora_b, scaling,
-                                         reference.lora_row_mask(gate, x.dtype))
+        return torch_ops.add_masked_lora(linear_on_packed(x, weight, bias), x, lora_a, lora_b, scaling,
+                                         torch_ops.lora_row_mask(gate, x.dtype))
     merge = merged_lora_applies(rows, weight.numel())
     return gated_lora_on_packed(x, [(weight, bias, lora_a, lora_b, scaling)], gate, merge).contiguous()

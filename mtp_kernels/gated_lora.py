@@ -17,9 +17,9 @@ Backward: torch matmuls with the gate as a row mask (training layouts gate most 
 
 The torch custom op `mtp_kernels::gated_lora_linear` (fake implementation and autograd registered) runs
 this on CUDA tensors; on CPU tensors oneDNN on packed weights for a decoding step's fp32 rows
-(`cpu_linear.gated_lora_linear`), else the torch reference (`reference.gated_lora_linear`), or, with
+(`cpu_linear.gated_lora_linear`), else `torch_ops.gated_lora_linear`, or, with
 `MTP_KERNELS=interpret`, these kernels in Triton's interpreter. Under torch.compile, the public function
-hands CPU tensors' work to the compiler as the reference's torch ops rather than as the opaque op. Benchmark: `benchmarks/bench_gated_lora.py`.
+hands CPU tensors' work to the compiler as torch_ops' torch ops rather than as the opaque op. Benchmark: `benchmarks/bench_gated_lora.py`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mtp_kernels import backend, cpu_linear, reference
+from mtp_kernels import backend, cpu_linear, torch_ops
 from mtp_kernels.checks import FLOAT_DTYPES, check_dim, check_same_dtype, check_tensor
 
 if backend.HAS_TRITON:
@@ -192,12 +192,12 @@ def _lora_into(out2d, x2d, lora_a, lora_b, scaling, gate1d):
 
 def _forward(x, weight, bias, lora_a, lora_b, scaling, gate):
     """The op on checked inputs: Triton on CUDA (and in the interpreter); on the CPU oneDNN on packed weights
-    where that applies (`cpu_linear.gated_lora_linear`), else the torch reference."""
+    where that applies (`cpu_linear.gated_lora_linear`), else `torch_ops`."""
     if not backend.use_triton(x):
         packed = cpu_linear.gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate)
         if packed is not None:
             return packed
-        return reference.gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate)
+        return torch_ops.gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate)
     # F.linear on x as given: a 1-D x takes a different BLAS path than a [1, in] one, and gate-0 rows
     # must match the caller's own F.linear(x, weight, bias) bit for bit.
     out2d = F.linear(x, weight, bias).reshape(-1, weight.shape[0])
@@ -279,7 +279,7 @@ def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, gate):
     if x.device.type == "cpu" and torch.compiler.is_compiling():
         # Traced as torch ops, which inductor fuses (and, with freezing, packs for oneDNN), where an opaque
         # op call per projection would cost a Python dispatch each (results README, "The compiled step").
-        return reference.gated_lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), gate)
+        return torch_ops.gated_lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), gate)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
     if not needs_grad and backend.eager(x):

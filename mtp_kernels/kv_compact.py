@@ -7,7 +7,7 @@ the end; block_size, the number of entries this step wrote at [lengths[b], lengt
 In place: entry lengths[b] + keep[b, i] moves to slot lengths[b] + i, then lengths[b] += number kept.
 
 Runs the compiled extension (`torch.ops.mtp_kernels.kv_compact`: CPU parallel over rows and heads, one
-CUDA launch for all layers) when it is built, else the torch reference. Invalid input raises ValueError
+CUDA launch for all layers) when it is built, else `torch_ops.kv_compact`. Invalid input raises ValueError
 before any cache is written.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from mtp_kernels import backend, reference
+from mtp_kernels import backend, torch_ops
 from mtp_kernels.checks import check_tensor
 
 
@@ -38,7 +38,7 @@ def _check_inputs(caches, lengths, keep, block_size):
 
 
 def _check_values(lengths, keep, block_size, slots):
-    """The data-dependent checks of the reference path (the extension does them in C++/CUDA)."""
+    """The data-dependent checks of the torch path (the extension does them in C++/CUDA)."""
     if bool((lengths < 0).any()) or bool((lengths + block_size > slots).any()):
         raise ValueError(f"kv_compact: length + block_size exceeds the cache's {slots} slots")
     kept = keep >= 0
@@ -53,11 +53,11 @@ def _check_values(lengths, keep, block_size, slots):
 def kv_compact(caches, lengths, keep, block_size: int) -> None:
     caches = list(caches)
     _check_inputs(caches, lengths, keep, block_size)
-    if backend.has_extension() and backend.mode() != "reference":
+    if backend.has_extension() and backend.mode() != "torch":
         torch.ops.mtp_kernels.kv_compact(caches, lengths, keep.contiguous(), block_size)
         return
     _check_values(lengths, keep, block_size, caches[0].shape[2])
-    reference.kv_compact(caches, lengths, keep)
+    torch_ops.kv_compact(caches, lengths, keep)
 
 
 if backend.has_extension():

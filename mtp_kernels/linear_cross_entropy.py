@@ -7,7 +7,7 @@ gradients (softmax minus one-hot, times the row weight) and dropped (fp64 inputs
 backward pass, which only scales them, so peak memory is one chunk of logits instead of N x V (at a
 vocabulary of 49k, 16k training rows would need 3 GB of fp32 logits, twice over with their gradient).
 This is the chunked form of the fused linear cross-entropy of Liger-Kernel and Apple's Cut Cross-Entropy;
-it runs wherever torch's matmul does. The reference is `reference.linear_cross_entropy`.
+it runs wherever torch's matmul does. The tests' oracle is `tests/reference.py`.
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ accumulation) for a block of rows, so the [N, V] logits never reach global memor
 - Greedy and plain temperature sampling: each program keeps the best (key, index) per row; a torch argmax
   over the per-split winners finishes (first maximum wins, which keeps lowest-index ties).
 - top_k <= MAX_FUSED_TOP_K (with or without top_p): each program keeps its 2 top_k best candidates per row
-  in registers (a sorted list merged with each tile); torch then filters the few survivors exactly as the
-  reference filters the whole vocabulary and runs the race on them.
-- top_p alone (or a larger top_k) bounds nothing the kernel could keep: the torch reference, on row chunks
+  in registers (a sorted list merged with each tile); torch then filters the few survivors exactly as
+  `torch_ops` filters the whole vocabulary and runs the race on them.
+- top_p alone (or a larger top_k) bounds nothing the kernel could keep: `torch_ops`, on row chunks
   of bounded size.
 Acceptance works on [B, k] tensors (plus the verifier's [B, k+1, V] logits when sampling): plain,
 sync-free torch ops.
@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mtp_kernels import backend, reference
+from mtp_kernels import backend, torch_ops
 from mtp_kernels.checks import FLOAT_DTYPES, check_tensor
 from mtp_kernels.cpu_linear import linear_on_packed, packing_applies
 from mtp_kernels.derived import derived, trusted
@@ -68,7 +68,7 @@ class SamplingParams:
         return self.temperature == 0
 
 
-# Rows per chunk of the reference's filtered path, so that chunk x V logits stay within about 64 MB of fp32.
+# Rows per chunk of the torch filtered path, so that chunk x V logits stay within about 64 MB of fp32.
 _FILTER_CHUNK_ELEMENTS = 1 << 24
 # The draft chain keeps the sampler's token table (one row per vocabulary entry) up to this size: 4 MB for
 # the demo model, where it saves a product per draft; a 128k x 4096 one would not be worth its memory.
@@ -122,7 +122,7 @@ if backend.HAS_TRITON:
             if SAMPLE:
                 noise = tl.load(noise_ptr + rows[:, None] * stride_nn + vocab[None, :],
                                 mask=row_ok[:, None] & vocab_ok[None, :], other=1.0)
-                keys = keys / temperature - tl.log(noise)  # the reference's exact operation order
+                keys = keys / temperature - tl.log(noise)  # torch_ops' exact operation order
             keys = tl.where(vocab_ok[None, :], keys, float("-inf"))
             tile_key = tl.max(keys, axis=1)
             # Lowest index among the tile's maxima; a later tile wins only if strictly better.
@@ -258,9 +258,9 @@ def _fused_top_k_choice(hidden, weight, temperature, top_k, top_p, noise):
 
     The kernel leaves each (row, vocabulary split) its 2 top_k best candidates; torch finds the row's
     k-th key among them, applies top-p to the few survivors and runs the race on them in token order
-    (so ties go to the lowest index, as over the whole vocabulary). The reference keeps every token tied
+    (so ties go to the lowest index, as over the whole vocabulary). `torch_ops` keeps every token tied
     with the k-th key; a split whose whole list ties with it may have had to leave some out, and those
-    rows (ties of that size are all but impossible outside contrived weights) take the reference path.
+    rows (ties of that size are all but impossible outside contrived weights) take the torch path.
     """
     packed = _top_k_candidates(hidden, weight, temperature, top_k)
     N, splits, candidates = packed.shape
@@ -272,12 +272,12 @@ def _fused_top_k_choice(hidden, weight, temperature, top_k, top_p, noise):
     keys = keys.gather(1, order)
     keys = keys.masked_fill(keys < kth, float("-inf"))
     if top_p is not None:
-        keys = reference.top_p_filter(keys, top_p)
+        keys = torch_ops.top_p_filter(keys, top_p)
     race_keys = (keys - noise.gather(1, tokens.clamp(max=V - 1)).log()).masked_fill_(tokens == V, float("-inf"))
     chosen = tokens.gather(1, race_keys.argmax(dim=1, keepdim=True)).squeeze(1)
     if overflowed.any():  # the one host sync, on the sampling path only
         rows = overflowed.nonzero().squeeze(1)
-        chosen[rows] = reference.choose_tokens(hidden[rows], weight, temperature, top_k, top_p, noise[rows])
+        chosen[rows] = torch_ops.choose_tokens(hidden[rows], weight, temperature, top_k, top_p, noise[rows])
     return chosen
 
 
@@ -318,7 +318,7 @@ def _packs(hidden, weight) -> bool:
 def _head_logits(hidden, weight, packed: bool):
     if packed:
         return linear_on_packed(hidden, weight)  # fp32 already
-    return reference.lm_head_logits(hidden, weight)
+    return torch_ops.lm_head_logits(hidden, weight)
 
 
 def _choose(hidden, weight, temperature, top_k, top_p, noise, packed):
@@ -336,12 +336,12 @@ def _choose(hidden, weight, temperature, top_k, top_p, noise, packed):
         if top_k is not None and top_k <= MAX_FUSED_TOP_K:
             return _fused_top_k_choice(hidden, weight, temperature, top_k, top_p, noise)
     if not filtered or not hidden.shape[0]:
-        return reference.choose_from_logits(_head_logits(hidden, weight, packed), temperature, None, None, noise)
-    # Top-p alone (no bound on its survivors), a large top_k, or the CPU: the reference, on row chunks so
+        return torch_ops.choose_from_logits(_head_logits(hidden, weight, packed), temperature, None, None, noise)
+    # Top-p alone (no bound on its survivors), a large top_k, or the CPU: torch_ops, on row chunks so
     # that the filters' sorts stay within _FILTER_CHUNK_ELEMENTS.
     rows_per_chunk = max(1, _FILTER_CHUNK_ELEMENTS // V)
     return torch.cat([
-        reference.choose_from_logits(_head_logits(hidden[i : i + rows_per_chunk], weight, packed), temperature,
+        torch_ops.choose_from_logits(_head_logits(hidden[i : i + rows_per_chunk], weight, packed), temperature,
                                      top_k, top_p, noise[i : i + rows_per_chunk])
         for i in range(0, hidden.shape[0], rows_per_chunk)
     ])
@@ -419,7 +419,7 @@ def _(first_tokens, latents, embed_weight, lm_weight, sampler, eps, temperature,
 @torch.library.custom_op("mtp_kernels::accept_greedy", mutates_args=(),
                          schema="(Tensor drafts, Tensor targets) -> (Tensor, Tensor)")
 def _accept_greedy_op(drafts, targets):
-    return reference.accept_greedy(drafts, targets)
+    return torch_ops.accept_greedy(drafts, targets)
 
 
 @_accept_greedy_op.register_fake
@@ -431,7 +431,7 @@ def _(drafts, targets):
     "mtp_kernels::accept_sampling", mutates_args=(),
     schema=f"(Tensor logits, Tensor drafts, Tensor uniform, Tensor noise, {_SAMPLING}) -> (Tensor, Tensor)")
 def _accept_sampling_op(logits, drafts, uniform, noise, temperature, top_k, top_p):
-    return reference.accept_sampling(logits, drafts, uniform, noise, temperature, top_k, top_p)
+    return torch_ops.accept_sampling(logits, drafts, uniform, noise, temperature, top_k, top_p)
 
 
 @_accept_sampling_op.register_fake
@@ -458,7 +458,7 @@ def _check_choice_inputs(hidden, weight, params, noise):
 
 
 def head_logits(hidden, weight):
-    """fp32 logits [..., V] of `hidden` [..., d] as `reference.lm_head_logits` gives them (on the CPU in fp32,
+    """fp32 logits [..., V] of `hidden` [..., d] as `torch_ops.lm_head_logits` gives them (on the CPU in fp32,
     through oneDNN on the packed head: equal up to fp32 summation order)."""
     return _head_logits(hidden, weight, _packs(hidden, weight) and not (
         torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)))
@@ -521,7 +521,7 @@ def accept_greedy(drafts, targets):
     if drafts.shape[0] != targets.shape[0]:
         raise ValueError(f"drafts has {drafts.shape[0]} rows but targets has {targets.shape[0]}")
     if backend.eager(drafts):
-        return reference.accept_greedy(drafts, targets)
+        return torch_ops.accept_greedy(drafts, targets)
     return torch.ops.mtp_kernels.accept_greedy(drafts, targets)
 
 
@@ -537,5 +537,5 @@ def accept_sampling(logits, drafts, params: SamplingParams, uniform, noise):
             f"uniform {tuple(uniform.shape)} (want [{B}, {K1 - 1}]), noise {tuple(noise.shape)} (want [{B}, {K1}, {V}])"
         )
     if backend.eager(logits):
-        return reference.accept_sampling(logits, drafts, uniform, noise, *_sampling(params))
+        return torch_ops.accept_sampling(logits, drafts, uniform, noise, *_sampling(params))
     return torch.ops.mtp_kernels.accept_sampling(logits, drafts, uniform, noise, *_sampling(params))

@@ -16,7 +16,7 @@ flash-decoding: each writes its unnormalised (max, sum, accumulator) and a secon
 
 CPU (outside the interpreter): torch's SDPA over the live slots with a materialised [B, T, S] mask, built
 once per forward and shared by its layers (`visibility_mask`, which a caller running SDPA itself can use);
-`reference.tree_attention` stays the definition the tests hold both paths to.
+`tests/reference.py` (float64) is the oracle the tests hold both paths to.
 
 Both run inside the torch custom op `mtp_kernels::tree_attention` (fake implementation registered; not
 differentiable). The public function checks shapes and dtypes, and in eager on the CPU that the lengths
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mtp_kernels import backend, reference
+from mtp_kernels import backend, torch_ops
 from mtp_kernels.checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -228,7 +228,7 @@ class _VisibilityMemo:
         if entry is not None and entry[1] == dtype and all(_same(a, b) for a, b in zip(entry[0], inputs)):
             return entry[2], entry[3]
         live = int(lengths.max()) + block_mask.shape[0] if lengths.numel() else 0
-        visible = reference.tree_attention_allowed(lengths, block_mask, live, starts)[:, None]
+        visible = torch_ops.tree_attention_allowed(lengths, block_mask, live, starts)[:, None]
         mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
         self._entry = (tuple(None if t is None else t.clone() for t in inputs), dtype, live, mask)
         return live, mask

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp_kernels.cpu_linear import gated_lora_on_packed, linear_on_packed, merged_lora_applies, merged_lora_fits
-from mtp_kernels.reference import lora_row_mask
+from mtp_kernels.torch_ops import lora_row_mask
 from mtp_kernels.tree_attention import visibility_mask
 from mtp_model.modules import GatedLoRALinear
 

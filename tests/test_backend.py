@@ -35,9 +35,9 @@ def test_mode_defaults_to_auto_and_rejects_unknown(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("env", "expected"), [("auto", False), ("reference", False), ("interpret", True)]
+    ("env", "expected"), [("auto", False), ("torch", False), ("interpret", True)]
 )
-def test_cpu_tensors_use_reference_unless_interpret(monkeypatch, env, expected):
+def test_cpu_tensors_use_torch_unless_interpret(monkeypatch, env, expected):
     monkeypatch.setenv("MTP_KERNELS", env)
     assert backend.use_triton(torch.zeros(1)) is expected
 

@@ -61,14 +61,14 @@ def test_the_packed_copy_is_kept_rebuilt_on_change_and_freed_with_the_weight():
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # said by mkldnn.flags itself
 @pytest.mark.parametrize(
-    "case", ["grad", "float16", "bfloat16", "float64", "reference_mode", "onednn_disabled"]
+    "case", ["grad", "float16", "bfloat16", "float64", "torch_mode", "onednn_disabled"]
 )
 def test_is_f_linear_bit_for_bit_where_packing_does_not_apply(monkeypatch, case):
     dtype = getattr(torch, case) if case.startswith(("float", "bfloat")) else torch.float32
     x = torch.randn(6, 20, dtype=dtype)
     weight = torch.randn(12, 20, dtype=dtype, requires_grad=case == "grad")
-    if case == "reference_mode":
-        monkeypatch.setenv(backend.ENV_VAR, "reference")
+    if case == "torch_mode":
+        monkeypatch.setenv(backend.ENV_VAR, "torch")
     expected = F.linear(x, weight)
     if case == "grad":
         out = prepacked_linear(x, weight)
@@ -122,9 +122,9 @@ def test_decoding_runs_its_projections_prepacked_and_ordinary_forwards_do_not(mo
     assert calls
     assert any(weight is model.lm_head.weight for weight in calls)  # verification and drafts too
     calls.clear()
-    monkeypatch.setenv(backend.ENV_VAR, "reference")
+    monkeypatch.setenv(backend.ENV_VAR, "torch")
     model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert not calls  # the reference mode decodes through F.linear
+    assert not calls  # the torch mode decodes through F.linear
 
 
 def fp64_gated_lora(x, weight, bias, lora_a, lora_b, scaling, gate):

@@ -103,7 +103,7 @@ class Recorder(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("mode", ["auto", "reference"])
+@pytest.mark.parametrize("mode", ["auto", "torch"])
 @pytest.mark.parametrize("case", CASES)
 def test_opcheck(monkeypatch, mode, case):
     monkeypatch.setenv(backend.ENV_VAR, mode)
@@ -139,7 +139,7 @@ def test_each_public_function_compiles_with_fullgraph(monkeypatch, case):
     with torch.no_grad():
         got, want = compiled(*args), function(*args)
     if case.startswith("gated_lora"):
-        # Compiled, a CPU gated LoRA is traced as the reference's torch ops (MKL); eager runs oneDNN on
+        # Compiled, a CPU gated LoRA is traced as torch_ops' torch ops (MKL); eager runs oneDNN on
         # packed weights: the same sums, to fp32 rounding.
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
@@ -158,7 +158,7 @@ def test_gated_lora_gradients_through_a_compiled_graph():
         t.grad = None
     function(*args).backward(grad_out)
     for have, want in zip(got, (x.grad, lora_a.grad, lora_b.grad)):
-        # compiled: the reference's torch ops and their autograd; eager: the op's own backward
+        # compiled: torch_ops' torch ops and their autograd; eager: the op's own backward
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
 
 
@@ -184,7 +184,7 @@ def test_a_decoding_step_forward_compiles_with_fullgraph(monkeypatch):
     """A quadratic verify step's whole forward on a tiny patched Llama (the gate, transformers' decoder stack,
     the MTPCache writes, the tree attention and gated LoRA ops) as one graph, equal to eager.
 
-    MTP_KERNELS=reference keeps the decoder off `StepForward` (the CPU's fp32 written-out forward, which
+    MTP_KERNELS=torch keeps the decoder off `StepForward` (the CPU's fp32 written-out forward, which
     finds packed weights by data pointer and memoises its visibility mask: eager only)."""
     from helpers import randomize_adapter, tiny_model
 
@@ -192,7 +192,7 @@ def test_a_decoding_step_forward_compiles_with_fullgraph(monkeypatch):
     from mtp_model.attention import MTPCache
     from mtp_model.decoding import Decoder
 
-    monkeypatch.setenv(backend.ENV_VAR, "reference")
+    monkeypatch.setenv(backend.ENV_VAR, "torch")
     model = randomize_adapter(mtp_model.patch(tiny_model("llama"), mtp_model.MTPConfig(num_masks=3)))
     decoder = Decoder(model, num_masks=3, mode="quadratic", use_sampler=True, params=GREEDY, generator=None)
     assert decoder.step_forward is None

@@ -1,6 +1,6 @@
 """Lossless generation on a CUDA device: the decoding loop with the compiled Triton kernels on the GPU.
 
-The CPU suite checks the loop through the reference and the Triton interpreter; these tests run the same
+The CPU suite checks the loop through the torch ops and the Triton interpreter; these tests run the same
 promise where the kernels are compiled: token-for-token stock greedy output on the same device, for every
 family, both modes, batch 4 with left padding, in float32 (the kernels' float32 products use IEEE
 precision, so they compute what the stock path computes), plus the shipped demo model with its adapter,

@@ -35,7 +35,7 @@ def gather_reference(caches, lengths, keep):
 def compact_path(request, monkeypatch):
     if request.param == "extension" and not backend.has_extension():
         pytest.skip("compiled extension not built")
-    monkeypatch.setenv("MTP_KERNELS", "auto" if request.param == "extension" else "reference")
+    monkeypatch.setenv("MTP_KERNELS", "auto" if request.param == "extension" else "torch")
     return request.param
 
 

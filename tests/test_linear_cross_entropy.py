@@ -2,9 +2,9 @@
 gradients for several chunk sizes, row weights, ignored rows and narrow dtypes; and its bad inputs."""
 
 import pytest
+import reference
 import torch
 
-from mtp_kernels import reference
 from mtp_kernels.linear_cross_entropy import linear_cross_entropy
 
 

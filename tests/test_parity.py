@@ -12,8 +12,8 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 from transformers.generation import MaxLengthCriteria, TemperatureLogitsWarper
 
 import mtp_model
-from mtp_kernels import derived, reference
-from mtp_kernels.sampler import SamplingParams, draft_chain
+from mtp_kernels import derived
+from mtp_kernels.sampler import SamplingParams, accept_sampling, draft_chain
 from mtp_model import adapter as adapter_io
 from mtp_model import attention, decoding
 from mtp_model.cli import DEMO_MODEL_DIR
@@ -476,8 +476,8 @@ def test_mtp_sampling_keeps_the_models_distribution(monkeypatch):
 def test_the_acceptance_rule_without_drafts_samples_from_the_first_distribution():
     logits = torch.randn(3, 1, 11)
     noise = torch.empty(3, 1, 11).exponential_()
-    accepted, token = reference.accept_sampling(logits, torch.empty(3, 0, dtype=torch.long), torch.empty(3, 0),
-                                                noise, 1.0)
+    accepted, token = accept_sampling(logits, torch.empty(3, 0, dtype=torch.long), SamplingParams(1.0),
+                                      torch.empty(3, 0), noise)
     assert accepted.tolist() == [0, 0, 0]
     assert torch.equal(token, (logits[:, 0] - noise[:, 0].log()).argmax(-1))
 

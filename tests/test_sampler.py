@@ -1,11 +1,12 @@
 """Fused LM-head choice, the draft chain and the acceptance rules."""
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
 
 import mtp_kernels
-from mtp_kernels import SamplingParams, backend, cpu_linear, reference
+from mtp_kernels import SamplingParams, backend, cpu_linear
 from mtp_kernels import sampler as sampler_ops
 from mtp_model.modules import SamplerHead
 
@@ -201,7 +202,7 @@ def test_cpu_choice_in_half_precision_is_the_reference(monkeypatch, dtype):
     for params in (SamplingParams(), SamplingParams(0.7, 6, 0.9)):
         monkeypatch.delenv(backend.ENV_VAR, raising=False)
         tokens = mtp_kernels.choose_tokens(hidden, weight, params, noise)
-        monkeypatch.setenv(backend.ENV_VAR, "reference")
+        monkeypatch.setenv(backend.ENV_VAR, "torch")
         assert torch.equal(tokens, mtp_kernels.choose_tokens(hidden, weight, params, noise))
 
 
@@ -209,7 +210,7 @@ def test_draft_chain_on_the_packed_head_equals_the_reference(monkeypatch):
     sampler, embed, lm, first, latents = draft_chain_inputs(V=300, d=16, B=2, k=5, seed=1)
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
     packed = mtp_kernels.draft_chain(sampler, embed, lm, first, latents)
-    monkeypatch.setenv(backend.ENV_VAR, "reference")
+    monkeypatch.setenv(backend.ENV_VAR, "torch")
     assert torch.equal(packed, mtp_kernels.draft_chain(sampler, embed, lm, first, latents))
 
 
@@ -272,15 +273,25 @@ def test_acceptance_keeps_the_target_distribution(draft_kind):
 
 
 def test_acceptance_rule_is_exact_against_the_reference():
+    """Rows that accept some drafts, all of them, none (each draft the token the race would pick, so that
+    only the exclusion of a rejected draft keeps it from coming back), and a "no draft" (-1)."""
     generator = torch.Generator().manual_seed(2)
-    logits = torch.randn(6, 4, 30, generator=generator)
-    drafts = torch.randint(0, 30, (6, 3), generator=generator)
-    uniform = torch.rand(6, 3, generator=generator)
-    noise = torch.empty(6, 4, 30).exponential_(generator=generator)
+    logits = torch.randn(8, 4, 30, generator=generator) * 2
+    noise = torch.empty(8, 4, 30).exponential_(generator=generator)
     params = SamplingParams(1.3, top_k=10)
+    race_winners = torch.stack([reference.choose_tokens(logits[b], torch.eye(30), 1.3, 10, None, noise[b])
+                                for b in range(8)])  # [B, k+1]: what the race picks at each position
+    drafts = race_winners[:, :3].clone()
+    drafts[6:] = torch.randint(0, 30, (2, 3), generator=generator)
+    drafts[7, 1] = -1
+    uniform = torch.rand(8, 3, generator=generator)
+    uniform[:2] = 0.0  # accept every draft
+    uniform[2:4] = 1.0  # reject the first draft
     got = mtp_kernels.accept_sampling(logits, drafts, params, uniform, noise)
     expected = reference.accept_sampling(logits, drafts, uniform, noise, 1.3, 10, None)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert got[0][:4].tolist() == [3, 3, 0, 0]
+    assert (got[1][2:4] != drafts[2:4, 0]).all()  # a rejected draft never comes back as the next token
 
 
 @pytest.mark.parametrize(

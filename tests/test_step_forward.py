@@ -179,7 +179,7 @@ def test_steps_aside_for_what_it_does_not_know(change):
 
 
 def test_not_used_off_the_prepacked_path(monkeypatch):
-    monkeypatch.setenv("MTP_KERNELS", "reference")
+    monkeypatch.setenv("MTP_KERNELS", "torch")
     model = patched("llama", seed=5)
     run = decoding.Decoder(model, num_masks=3, mode="linear", use_sampler=True,
                             params=mtp_model.decoding.SamplingParams(), generator=None)

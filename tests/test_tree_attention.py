@@ -3,11 +3,11 @@
 import importlib
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
 
 import mtp_kernels
-from mtp_kernels import reference
 from mtp_model.layout import step_layout
 
 tree_attention_module = importlib.import_module("mtp_kernels.tree_attention")  # the package exports the op under the same name
@@ -132,7 +132,7 @@ def test_cpu_path_rebuilds_its_mask_when_the_inputs_change(monkeypatch):
     """The CPU path builds the visibility mask once for all layers of a forward; lengths advanced in place
     by kv_compact (a compiled op: no version bump), other lengths, another block mask or another dtype each
     need a fresh one."""
-    monkeypatch.setenv("MTP_KERNELS", "reference")
+    monkeypatch.setenv("MTP_KERNELS", "torch")
     q, k, v, lengths, starts = random_inputs(2, 4, 2, 9, 64, 40, torch.float32, seed=5)
     lengths = torch.tensor([3, 20])
     block_mask = quadratic_mask(2)
@@ -156,7 +156,7 @@ def test_cpu_path_rebuilds_its_mask_when_the_inputs_change(monkeypatch):
 
 def test_cpu_path_is_sdpa_with_the_bool_mask(monkeypatch):
     """The CPU path hands SDPA the additive mask SDPA itself would make of the bool one: same bits."""
-    monkeypatch.setenv("MTP_KERNELS", "reference")
+    monkeypatch.setenv("MTP_KERNELS", "torch")
     q, k, v, lengths, starts = random_inputs(2, 4, 2, 16, 64, 60, torch.float32, seed=7)
     block_mask = quadratic_mask(3)
     live = int(lengths.max()) + 16

@@ -1,17 +1,18 @@
-"""Pure-torch reference implementations of every op: the test oracle, and the CPU path of every op but
-tree attention (which runs torch's SDPA on CPU).
+"""The ops in plain torch: what runs wherever no kernel applies (CPU tensors outside `cpu_linear`'s packed
+products, tree attention excepted, which runs SDPA there; GPUs Triton cannot drive; `MTP_KERNELS=torch`),
+and the acceptance rules on every device (a few [B, k] ops, too small for a kernel to pay).
 
-Each function has the same name and signature as the public op in `mtp_kernels` and defines its meaning;
-the Triton kernels and the C++/CUDA extension must agree with it. Inputs are assumed valid here: the
-public ops validate them before dispatching.
+Each function has the name and signature of the public op in `mtp_kernels` without its checks: inputs are
+assumed valid (the public functions validate them first). What each op computes is defined by the test
+oracle, `tests/reference.py`, not by this module.
 
 Shapes (B batch rows, T new tokens in a step, S cache slots, N rows, V vocabulary, d hidden size):
 
 - gated_lora_linear: x [..., in], weight [out, in], bias [out] | None, lora_a [r, in], lora_b [out, r],
-  gate [...] bool  ->  [..., out]; `masked_lora_linear` is the same op with the gate already converted by
-  `lora_row_mask`, for callers that run many linears under one gate
-- tree_attention: q [B, Hq, T, D], k/v [B, Hkv, S, D], lengths [B], block_mask [T, T] bool,
-  starts [B] | None  ->  [B, Hq, T, D]
+  gate [...] bool  ->  [..., out]; `add_masked_lora` adds the LoRA term to a base product already made,
+  under the gate converted once by `lora_row_mask` (callers that run many linears under one gate)
+- tree_attention_allowed: lengths [B], block_mask [T, T] bool, num_slots S, starts [B] | None  ->  [B, T, S]
+  (the CPU path runs SDPA under this mask)
 - choose_tokens: hidden [N, d], weight [V, d], noise [N, V] | None  ->  [N] int64
 - accept_greedy: drafts [B, k], targets [B, k+1]  ->  (accepted [B], next_token [B])
 - accept_sampling: logits [B, k+1, V], drafts [B, k], uniform [B, k], noise [B, k+1, V]
@@ -38,21 +39,13 @@ def gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate):
     skipped rows' rank-r products (at most 2r / min(in, out) of the base product).
     Differentiable with respect to x, lora_a and lora_b.
     """
-    return masked_lora_linear(x, weight, bias, lora_a, lora_b, scaling, lora_row_mask(gate, x.dtype))
+    return add_masked_lora(F.linear(x, weight, bias), x, lora_a, lora_b, scaling, lora_row_mask(gate, x.dtype))
 
 
 def lora_row_mask(gate, dtype):
-    """The gate [...] as the [M, 1] column of ones (gated rows) and zeros that `masked_lora_linear` takes,
+    """The gate [...] as the [M, 1] column of ones (gated rows) and zeros that `add_masked_lora` takes,
     in the dtype the LoRA term of `dtype` inputs is computed in."""
     return gate.reshape(-1, 1).to(torch.promote_types(dtype, torch.float32))
-
-
-def masked_lora_linear(x, weight, bias, lora_a, lora_b, scaling, row_mask):
-    """`gated_lora_linear` with the gate given as `lora_row_mask(gate, x.dtype)`.
-
-    Callers that run many linears under one gate (a patched model's forward) convert the gate once.
-    """
-    return add_masked_lora(F.linear(x, weight, bias), x, lora_a, lora_b, scaling, row_mask)
 
 
 def add_masked_lora(out, x, lora_a, lora_b, scaling, row_mask):
@@ -88,25 +81,6 @@ def tree_attention_allowed(lengths, block_mask, num_slots, starts=None):
     if starts is not None:
         allowed = allowed & (slots[None, :] >= starts[:, None].long())[:, None, :]
     return allowed
-
-
-def tree_attention(q, k, v, lengths, block_mask, scale=None, starts=None):
-    """Attention of T new queries over each row's cached prefix plus the new block under `block_mask`.
-
-    Computed in fp32 (fp64 for fp64 inputs) with grouped-query heads (query head h reads KV head
-    h // (Hq // Hkv)). A query that may see nothing gets a zero output.
-    """
-    B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    wide = torch.promote_types(q.dtype, torch.float32)
-    allowed = tree_attention_allowed(lengths, block_mask, S, starts)  # [B, T, S]
-    qf = q.to(wide).reshape(B, Hkv, Hq // Hkv, T, D)
-    scores = torch.einsum("bhgtd,bhsd->bhgts", qf, k.to(wide)) * scale
-    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with nothing visible give 0
-    out = torch.einsum("bhgts,bhsd->bhgtd", probs, v.to(wide))
-    return out.reshape(B, Hq, T, D).to(q.dtype)
 
 
 # --- sampler -------------------------------------------------------------------------------------------
@@ -227,15 +201,3 @@ def kv_compact(caches, lengths, keep):
         for cache in caches:
             cache[b, :, start : start + count] = cache[b, :, source].clone()
     lengths += kept_counts.to(lengths.dtype)
-
-
-# --- linear cross-entropy ------------------------------------------------------------------------------
-
-
-def linear_cross_entropy(hidden, weight, labels, row_weights=None, ignore_index=-100):
-    """Weighted mean over labelled rows of the cross-entropy of `hidden @ weight^T` (logits in fp32 at least)."""
-    logits = F.linear(hidden, weight).to(torch.promote_types(hidden.dtype, torch.float32))
-    losses = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")
-    weights = torch.ones_like(losses) if row_weights is None else row_weights.to(losses.dtype)
-    weights = weights * (labels != ignore_index)
-    return (losses * weights).sum() / weights.sum()

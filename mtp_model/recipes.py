@@ -50,17 +50,12 @@ _SMOLLM2_TRAIN = ("--num-masks", "8", "--rank", "16", "--alpha", "32", "--lr", "
                   "--draft-vocab", "16384", "--save-steps", "10")
 
 RECIPES = {
-    # Hours of a 2-core CPU (data/ holds each finished part, resumable): ~40-60 min of distillation per 512
-    # prompts, 20-35 s per training step, by machine. Stages 1-3 keep the learning rate constant after
-    # warm-up, so a resumed run with more --steps continues a shorter one exactly. Why five stages: the
-    # paper's sampler learned far slower than the LoRA (after 70 steps its drafts were right 10% of the time
-    # at mask 1, the plain LM head on the same mask states 41%), so the second stage keeps the LoRA and
-    # switches to the residual sampler, which starts as that LM head (a new data order: seed 1); its
-    # held-out tokens per step stopped rising in the 2nd-3rd pass over the first 512 replies, so the third
-    # continues it on twice as many, and the fourth anneals the third's adapter (the learning rate decays
-    # linearly to 0), which the constant rate had left flat; the fifth warms the fourth up again and anneals
-    # it over all 4096 replies, masks after a quarter of the response tokens (a step costs about half as
-    # much, and learns alike on the demo model) (benchmarks/results/README.md).
+    # Five stages, each from the one before: 1, the LoRA with the paper's sampler; 2, the residual sampler
+    # (it starts as the plain LM head, which the paper's sampler learned far slower than); 3, twice the
+    # replies; 4, the learning rate annealed to 0; 5, warmed up again and annealed over all 4096 replies,
+    # masks after a quarter of the response tokens. Stages 1-3 keep the learning rate constant after
+    # warm-up, so a resumed run with more --steps continues a shorter one exactly. What each stage gained and
+    # what the whole costs on a 2-core CPU: benchmarks/results/README.md.
     "smollm2-135m-instruct": Recipe(
         num_prompts=4096,
         max_prompt_tokens=256,

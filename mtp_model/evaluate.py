@@ -74,25 +74,40 @@ class _Clock:
         pass
 
 
-def _stock(model, ids, max_new_tokens: int, repeats: int, **options):
-    """Stock generate: (output, [time to the first n tokens for each n]), the fastest of `repeats` runs per n."""
+def _timed(generate, repeats: int):
+    """(output, [time to the first n tokens for each n]) of `generate(streamer)`, the fastest of `repeats`
+    runs per n."""
     fastest = None
     for _ in range(repeats):
         clock = _Clock()
-        out = type(model).generate(model, input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=max_new_tokens, streamer=clock, **options)
+        out = generate(clock)
         fastest = clock.seconds if fastest is None else [min(a, b) for a, b in zip(fastest, clock.seconds)]
     return out, fastest
 
 
+def _stock(model, ids, max_new_tokens: int, repeats: int, **options):
+    """Stock greedy generate: (output, times to the first n tokens)."""
+    return _timed(lambda clock: type(model).generate(
+        model, input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+        streamer=clock, **options), repeats)
+
+
 def _mtp(model, ids, repeats: int, **options):
-    """MTP generate: (output, its stats, the fastest of `repeats` timed runs in seconds)."""
-    fastest = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, **options)
-        fastest = min(fastest, time.perf_counter() - start)
-    return out, model.mtp_stats, fastest
+    """MTP generate: (output, its stats, times to the first n tokens)."""
+    out, seconds = _timed(lambda clock: model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, streamer=clock, **options), repeats)
+    return out, model.mtp_stats, seconds
+
+
+def _time_against_stock(timed, seconds, key, run_seconds, stock_seconds) -> None:
+    """Adds a run's time and stock's to the same number of tokens: the tokens both made (fewer than the
+    run's only where their outputs diverge, as half precision allows at stock's near-ties)."""
+    n = min(len(run_seconds), len(stock_seconds))
+    if n:
+        timed[key] += n
+        seconds[key] += run_seconds[n - 1]
+        timed[(key[0], "stock", key[1:])] += n
+        seconds[(key[0], "stock", key[1:])] += stock_seconds[n - 1]
 
 
 def sweep_configs(k: int, masks: list[int] | None = None, modes: tuple[str, ...] = MODES) -> list[tuple]:
@@ -107,11 +122,11 @@ def evaluate(model, tokenizer, prompts, max_steps: int = 100, max_masks: int | N
     """Runs every measurement on a patched model; returns the results as a JSON-ready dict.
 
     Per prompt: each MTP configuration (`configs`, default `sweep_configs(k)`) generates for up to
-    `max_steps` steps; then stock greedy generates as many tokens as the longest of them, once per repeat,
-    timed token by token, so each configuration's tokens are compared with stock's (identical or MTP is
-    broken) and timed against stock's time to the same count; then stock generate with prompt-lookup
-    decoding (`prompt_lookup` draft tokens; None skips it) makes as many tokens, checked and timed the
-    same way."""
+    `max_steps` steps; then stock greedy generates as many tokens as the longest of them, once per repeat;
+    each configuration's tokens are compared with stock's (identical in fp32, or MTP is broken) and, both
+    timed token by token, its time to a number of tokens against stock's to the same number; then stock
+    generate with prompt-lookup decoding (`prompt_lookup` draft tokens; None skips it) makes as many
+    tokens, checked and timed the same way."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     if not prompts:
@@ -120,7 +135,8 @@ def evaluate(model, tokenizer, prompts, max_steps: int = 100, max_masks: int | N
     configs = configs or sweep_configs(k)
     device = model.get_input_embeddings().weight.device
     budget = max_steps * (k + 1)
-    tokens, steps, seconds = defaultdict(int), defaultdict(int), defaultdict(float)
+    tokens, steps = defaultdict(int), defaultdict(int)  # tokens per step
+    timed, seconds = defaultdict(int), defaultdict(float)  # tokens per second
     identical = True
     with torch.inference_mode():
         # Warm-up: first-call costs (allocator, weight packing, lazy init) stay out of the timings.
@@ -135,22 +151,16 @@ def evaluate(model, tokenizer, prompts, max_steps: int = 100, max_masks: int | N
                                                 num_masks=j, decoding=mode, use_sampler=sampler)
             longest = max(stats["tokens"] for _, stats, _ in runs.values())
             reference, stock_seconds = _stock(model, ids, longest, repeats)
-            for config, (out, stats, elapsed) in runs.items():
+            for config, (out, stats, run_seconds) in runs.items():
                 identical &= torch.equal(out, reference[:, : out.shape[1]])
-                key = (domain, *config)
-                tokens[key] += stats["tokens"]
-                steps[key] += stats["steps"]
-                seconds[key] += elapsed
-                tokens[(domain, "stock", config)] += stats["tokens"]
-                seconds[(domain, "stock", config)] += stock_seconds[stats["tokens"] - 1] if stats["tokens"] else 0.0
+                tokens[(domain, *config)] += stats["tokens"]
+                steps[(domain, *config)] += stats["steps"]
+                _time_against_stock(timed, seconds, (domain, *config), run_seconds, stock_seconds)
             if prompt_lookup:
                 lookup, lookup_seconds = _stock(model, ids, longest, repeats, prompt_lookup_num_tokens=prompt_lookup)
                 identical &= torch.equal(lookup, reference)
-                tokens[(domain, *LOOKUP)] += longest
-                seconds[(domain, *LOOKUP)] += lookup_seconds[-1]
-                tokens[(domain, "stock", LOOKUP)] += longest
-                seconds[(domain, "stock", LOOKUP)] += stock_seconds[-1]
-    return _summarise(configs, tokens, steps, seconds, sorted({d for d, _ in prompts}), identical, max_steps,
+                _time_against_stock(timed, seconds, (domain, *LOOKUP), lookup_seconds, stock_seconds)
+    return _summarise(configs, tokens, steps, timed, seconds, sorted({d for d, _ in prompts}), identical, max_steps,
                       prompt_lookup)
 
 
@@ -179,13 +189,13 @@ def _mode_list(text: str) -> tuple[str, ...]:
     return modes
 
 
-def _summarise(configs, tokens, steps, seconds, domains, identical, max_steps, prompt_lookup) -> dict:
+def _summarise(configs, tokens, steps, timed, seconds, domains, identical, max_steps, prompt_lookup) -> dict:
     def total(counter, domain, *key):  # domain None: every domain together
         return sum(value for k, value in counter.items() if k[1:] == key and domain in (None, k[0]))
 
     def speedup(domain, key):  # tokens/s, and the ratio to stock greedy's time for exactly the same tokens
         elapsed = max(total(seconds, domain, *key), 1e-9)
-        return total(tokens, domain, *key) / elapsed, total(seconds, domain, "stock", key) / elapsed
+        return total(timed, domain, *key) / elapsed, total(seconds, domain, "stock", key) / elapsed
 
     def summary(domain):
         rows = []
@@ -194,7 +204,7 @@ def _summarise(configs, tokens, steps, seconds, domains, identical, max_steps, p
             rows.append({"num_masks": config[0], "decoding": config[1], "sampler": config[2],
                          "tokens_per_step": round(total(tokens, domain, *config) / max(total(steps, domain, *config), 1), 3),
                          "tokens_per_second": round(speed, 1), "speedup": round(ratio, 3)})
-        stock_tokens = sum(total(tokens, domain, "stock", config) for config in configs)
+        stock_tokens = sum(total(timed, domain, "stock", config) for config in configs)
         stock_seconds = sum(total(seconds, domain, "stock", config) for config in configs)
         result = {"stock_tokens_per_second": round(stock_tokens / max(stock_seconds, 1e-9), 1), "runs": rows,
                   "fastest": max(rows, key=lambda r: r["speedup"])}

@@ -10,6 +10,7 @@ from test_train_cli import WORDS, saved_tiny_model, tiny_tokenizer
 
 import mtp_model
 from mtp_model.cli import main
+from mtp_model import evaluate as evaluate_module
 from mtp_model.evaluate import evaluate, format_table, read_prompts, sweep_configs
 
 
@@ -108,3 +109,22 @@ def test_a_wrong_token_is_caught(monkeypatch):
     results = evaluate(model, tiny_tokenizer(), [("all", "w1 w2")], max_steps=3, repeats=1,
                        configs=sweep_configs(2, [2], ("quadratic",)), prompt_lookup=None)
     assert results["identical_to_stock_greedy"] is False
+
+
+def test_a_run_that_outlives_stocks_output_is_timed_to_the_tokens_both_made(monkeypatch):
+    """In half precision a row may take the other branch at one of stock's near-ties and stop later than
+    stock did (stock met EOS): the run is timed against stock to the tokens both made, and not identical."""
+    model = randomize_adapter(mtp_model.patch(tiny_model(vocab_size=len(WORDS)),
+                                              mtp_model.MTPConfig(num_masks=2, lora_rank=4)))
+    stock = evaluate_module._stock
+
+    def stopping_early(*args, **options):  # stock's output three tokens shorter, as if it had met EOS
+        out, seconds = stock(*args, **options)
+        return out[:, :-3], seconds[:-3]
+
+    monkeypatch.setattr(evaluate_module, "_stock", stopping_early)
+    results = evaluate(model, tiny_tokenizer(), [("all", "w1 w2")], max_steps=4, repeats=1,
+                       configs=sweep_configs(2, [2], ("quadratic",)), prompt_lookup=3)
+    assert results["identical_to_stock_greedy"] is False
+    run = results["overall"]["runs"][0]
+    assert run["tokens_per_second"] > 0 and run["speedup"] > 0 and results["overall"]["prompt_lookup"]["speedup"] > 0

@@ -48,7 +48,9 @@ def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], ob
     if entry is None or entry[1] != state:
         for source in sources:
             _remember(source)
-        references = [weakref.ref(source, lambda _, key=key: _cache.pop(key, None)) for source in sources]
+        # The callbacks hold the dicts themselves: at interpreter exit a tensor may be freed after this
+        # module's globals are cleared.
+        references = [weakref.ref(source, lambda _, key=key, cache=_cache: cache.pop(key, None)) for source in sources]
         # Outside inference mode even when the caller is in it: a value may be the source of another (the
         # draft head's packed copy), and inference tensors have no version counter to key on.
         with torch.inference_mode(False), torch.no_grad():
@@ -93,7 +95,7 @@ def _remember(source: torch.Tensor) -> None:
     if kept is not None and _same(source, kept[1]):
         return
     _forget(source_id)
-    reference = weakref.ref(source, lambda _: _copies.pop(source_id, None))
+    reference = weakref.ref(source, lambda _, copies=_copies: copies.pop(source_id, None))
     _copies[source_id] = (reference, source.detach().clone())
 
 

@@ -59,6 +59,21 @@ def test_the_packed_copy_is_kept_rebuilt_on_change_and_freed_with_the_weight():
     assert key not in derived._cache
 
 
+
+def test_a_weight_freed_after_the_cache_modules_globals_are_cleared_raises_nothing(monkeypatch):
+    """At interpreter exit a model's tensors may be freed after `derived`'s globals are set to None: the
+    weak-reference callbacks hold their dicts themselves, so nothing prints "Exception ignored"."""
+    unraisable = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    weight = torch.randn(16, 8)
+    with torch.no_grad():
+        prepacked_linear(torch.randn(5, 8), weight)
+    monkeypatch.setattr(derived, "_cache", None)
+    monkeypatch.setattr(derived, "_copies", None)
+    del weight
+    gc.collect()
+    assert not unraisable
+
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # said by mkldnn.flags itself
 @pytest.mark.parametrize(
     "case", ["grad", "float16", "bfloat16", "float64", "torch_mode", "onednn_disabled"]

@@ -3,18 +3,20 @@ reordered once into oneDNN's blocked layout and kept; `gated_lora_linear`: the g
 implementation on such weights; `gated_lora_on_packed`: the gated LoRA linears of one input (a layer's q,
 k and v) that way, as one product with their LoRA activations stacked under the weights.
 
-Shapes: x [..., in] (any strides), weight [out, in], bias [out] | None -> [..., out], fp32.
+Shapes: x [..., in] (any strides), weight [out, in], bias [out] | None -> [..., out]; fp32, or bf16 where
+oneDNN runs it natively (`packing_applies`).
 
 Why: a decoding step feeds a few to a few dozen rows through every projection, where PyTorch's CPU GEMM
 (MKL) runs far below the machine's peak and oneDNN on a weight packed ahead of time does not; one row is
 faster in MKL, which is why plain decoding keeps it. The results agree with F.linear's to fp32 rounding
-(the two sum in different orders). Benchmark: `benchmarks/bench_cpu_linear.py`; numbers in
+(the two sum in different orders); in bf16, where F.linear itself runs oneDNN, they are its bits. Benchmark: `benchmarks/bench_cpu_linear.py`; numbers in
 `benchmarks/results/README.md`.
 
 The packed copy costs one more copy of each weight it serves; it lives as long as the weight tensor and is
 rebuilt when the weight changes (`mtp_kernels.derived`); a tensor that requires grad is packed (or
 merged) only inside a generate call (`derived.trusted`). `prepacked_linear` is plain `F.linear` where
-packing does not apply: autograd on, such a trainable weight, a dtype other than fp32, a non-CPU tensor,
+packing does not apply: autograd on, such a trainable weight, a dtype other than fp32 (or bf16 where oneDNN
+runs it natively), a non-CPU tensor,
 `MTP_KERNELS=torch`, oneDNN disabled (`torch.backends.mkldnn.flags`) or missing from this torch build
 (one warning). Decoding asks `packing_applies` once per generate call and then calls `linear_on_packed`,
 which checks nothing.
@@ -62,10 +64,21 @@ def onednn_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_runs_bf16() -> bool:
+    """Whether this CPU's oneDNN runs bf16 products natively (AVX-512 or AMX); elsewhere it would emulate them."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def packing_applies(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether fp32 products on `device` may run on packed weights here: a CPU, fp32, not
-    `MTP_KERNELS=torch`, oneDNN built in (else one warning) and enabled."""
-    if torch.device(device).type != "cpu" or dtype != torch.float32 or backend.mode() == "torch":
+    """Whether products in `dtype` on `device` may run on packed weights here: a CPU, fp32 (or bf16 where
+    `onednn_runs_bf16`), not `MTP_KERNELS=torch`, oneDNN built in (else one warning) and enabled."""
+    if torch.device(device).type != "cpu" or backend.mode() == "torch":
+        return False
+    if dtype != torch.float32 and not (dtype == torch.bfloat16 and onednn_runs_bf16()):
         return False
     if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
         return False
@@ -91,8 +104,14 @@ def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def linear_on_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`prepacked_linear` without its checks, for a caller that made them once for many products (a
-    decoding forward: no autograd, fp32 CPU tensors, `packing_applies`)."""
+    decoding forward: no autograd, CPU tensors of one dtype, `packing_applies`)."""
     return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight), bias, "none", [], "")
+
+
+def packed_row_mask(gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gate [...] as the [M, 1] column of ones (gated rows) and zeros that `gated_lora_on_packed` takes,
+    in the dtype of its inputs, which its LoRA activations come out of the packed product in."""
+    return gate.reshape(-1, 1).to(dtype)
 
 
 def merged_lora_fits(model_weight_elements: int) -> bool:
@@ -112,7 +131,7 @@ def gated_lora_on_packed(x: torch.Tensor, members, gate: torch.Tensor | None, me
     members [(weight, bias, lora_a, lora_b, scaling)] (a single linear; or a layer's q, k, v, or its gate and
     up): the members' `x W^T + b + scaling * gate * (x A^T) B^T` side by side, [..., T, out_1 + .. + out_n],
     with `linear_on_packed`'s preconditions; possibly a view of a wider product (strided rows).
-    row_mask: `torch_ops.lora_row_mask(gate, x.dtype)`, from a caller that runs many products under one gate.
+    row_mask: `packed_row_mask(gate, x.dtype)`, from a caller that runs many products under one gate.
 
     merge=False: one product against the packed [W_1; ..; W_n; A_1; ..; A_n] gives every row its base
     outputs and its LoRA activations; the gated rows' activations go through one product with the
@@ -121,7 +140,8 @@ def gated_lora_on_packed(x: torch.Tensor, members, gate: torch.Tensor | None, me
     s_1 B_1 A_1; ..] (biases [b; b]) gives every row both its base and its LoRA-merged outputs, and each row
     keeps the half its gate selects: two ops, reading twice the weights, which pays up to
     `merged_lora_applies`' size (module docstring). Either way ungated rows are the plain packed product, up
-    to oneDNN's blocking.
+    to oneDNN's blocking. In bf16 the gated rows' LoRA term rounds to bf16 (the activations, then the sum)
+    where the op's definition rounds it once from fp32: a difference within bf16 rounding, on mask rows only.
     """
     width = sum(member[0].shape[0] for member in members)
     scalings = tuple(member[4] for member in members)
@@ -142,7 +162,7 @@ def gated_lora_on_packed(x: torch.Tensor, members, gate: torch.Tensor | None, me
                              lambda: torch.block_diag(*(scaling * lora_b for *_, lora_b, scaling in members)).t(),
                              *scalings)
             if row_mask is None:
-                row_mask = torch_ops.lora_row_mask(gate, x.dtype)
+                row_mask = packed_row_mask(gate, x.dtype)
             activations = both[..., width:].reshape(-1, expand.shape[0]) * row_mask
             out.view(-1, width).addmm_(activations, expand)
     return out

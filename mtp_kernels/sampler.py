@@ -18,9 +18,10 @@
   -> (accepted [B], next_token [B])`. A draft of -1 means "no draft".
 
 Each is a torch custom op (`torch.ops.mtp_kernels.<name>`, with a fake implementation for torch.compile)
-behind a public function that validates its inputs once. Inside the ops, CPU tensors in fp32 get their
-LM-head products from oneDNN on the packed head (`cpu_linear`: decoding's few rows against a large head
-run several times faster than through F.linear; equal to it up to fp32 summation order); the draft chain
+behind a public function that validates its inputs once. Inside the ops, CPU tensors in fp32 (and bf16 where
+oneDNN runs it natively: `cpu_linear.packing_applies`) get their LM-head products from oneDNN on the packed
+head (`cpu_linear`: decoding's few rows against a large head run several times faster than through
+F.linear; equal to it up to fp32 summation order); the draft chain
 runs its k choices inside one op call. Benchmark: `benchmarks/bench_sampler.py`.
 
 Kernels: the vocabulary is split across programs; each computes its logit tiles (h @ W_tile^T, fp32
@@ -311,13 +312,13 @@ def sampler_body(hidden, latent, weights: SamplerWeights):
 
 
 def _packs(hidden, weight) -> bool:
-    """Whether this call's LM-head products run through oneDNN on the packed head (fp32 CPU, see cpu_linear)."""
-    return hidden.dtype == weight.dtype == torch.float32 and packing_applies(hidden.device, hidden.dtype)
+    """Whether this call's LM-head products run through oneDNN on the packed head (see cpu_linear)."""
+    return hidden.dtype == weight.dtype and packing_applies(hidden.device, hidden.dtype)
 
 
 def _head_logits(hidden, weight, packed: bool):
-    if packed:
-        return linear_on_packed(hidden, weight)  # fp32 already
+    if packed:  # rounded to the hidden dtype, as F.linear's (bf16: its bits)
+        return linear_on_packed(hidden, weight).float()
     return torch_ops.lm_head_logits(hidden, weight)
 
 
@@ -458,8 +459,8 @@ def _check_choice_inputs(hidden, weight, params, noise):
 
 
 def head_logits(hidden, weight):
-    """fp32 logits [..., V] of `hidden` [..., d] as `torch_ops.lm_head_logits` gives them (on the CPU in fp32,
-    through oneDNN on the packed head: equal up to fp32 summation order)."""
+    """fp32 logits [..., V] of `hidden` [..., d] as `torch_ops.lm_head_logits` gives them (on the CPU, through
+    oneDNN on the packed head where `cpu_linear.packing_applies`: equal up to fp32 summation order)."""
     return _head_logits(hidden, weight, _packs(hidden, weight) and not (
         torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)))
 

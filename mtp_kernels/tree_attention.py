@@ -251,14 +251,26 @@ def visibility_mask(lengths, block_mask, starts, dtype) -> tuple[int, torch.Tens
 
 
 def _dense_attention(q, k, v, lengths, block_mask, scale, starts):
-    """The CPU path: SDPA with a materialised mask over the live slots, in fp32 (fp64 for fp64 inputs).
+    """The CPU path: SDPA with a materialised mask over the live slots (`attend_live`).
 
     Slots past the longest row's block are never visible, so only [0, max(lengths) + T) is read: the cost
     follows what the rows hold, not what the cache was sized for. SDPA gives a query that sees nothing a
     zero output, as the op requires.
     """
-    wide = torch.promote_types(q.dtype, torch.float32)
-    live, mask = visibility_mask(lengths, block_mask, starts, wide)
+    live, mask = visibility_mask(lengths, block_mask, starts, attention_dtype(q.dtype))
+    return attend_live(q, k, v, live, mask, scale)
+
+
+def attention_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU path computes attention of `dtype` inputs in: fp32 (fp64 for fp64 inputs)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def attend_live(q, k, v, live: int, mask, scale):
+    """SDPA of q [B, Hq, T, D] over slots [0, live) of k, v [B, Hkv, S, D] under `mask` (`visibility_mask` in
+    `attention_dtype(q.dtype)`), computed in that dtype and rounded to q's: the CPU path's arithmetic, for a
+    caller that made the mask once for all its layers."""
+    wide = mask.dtype
     out = F.scaled_dot_product_attention(
         q.to(wide), k[:, :, :live].to(wide), v[:, :, :live].to(wide), attn_mask=mask, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],

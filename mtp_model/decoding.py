@@ -11,8 +11,9 @@ Shapes: input_ids / attention_mask [B, P] (left padding), k masks, T tokens per 
    the bonus. Only the anchor's and the accepted drafts' KV is kept (`MTPCache.keep`). In linear
    decoding a rejection leaves no drafts (the only mask block followed the rejected one): when no row has
    drafts the step is just [anchor, m1..mk], which verifies one token and drafts k afresh.
-Forwards run the model's own decoder stack, except on the CPU in fp32, where `StepForward` (the same stack
-written out without transformers' per-layer plumbing) runs them for the models it recognises.
+Forwards run the model's own decoder stack, except on the CPU in fp32 (or bf16 where oneDNN runs it
+natively), where `StepForward` (the same stack written out without transformers' per-layer plumbing) runs
+them for the models it recognises.
 Regular tokens never see mask tokens and their linears run without LoRA (gate 0), so their outputs are the
 base model's (up to rounding: a step multiplies T rows at once, on the CPU through oneDNN's prepacked
 weights, LM head included, where stock decoding multiplies one row): greedy output is stock greedy

@@ -9,13 +9,15 @@ It computes what the modeling files of the families `patch` supports (Llama, Mis
 compute, in the same order: per layer RMSNorm; the q, k, v projections (with their biases where the model
 has them) viewed [B, T, H, D]; Qwen3's per-head q and k norms; the rotary embedding (rotate-half, cos and
 sin from the model's own `rotary_emb`, so every rope type it knows); the step's keys and values written
-into the cache; SDPA under the step's visibility mask (grouped-query, the module's `scaling`); o_proj and
+into the cache; SDPA under the step's visibility mask (grouped-query, the module's `scaling`, in fp32 as
+tree attention's CPU path computes it); o_proj and
 the residual; RMSNorm, down(act(gate) * up) and the residual; then the final norm. Projections are the
 patch's gated LoRA products on prepacked weights, as the op's CPU path runs them, except that q, k and v
 (and gate and up) run as one product each (`cpu_linear.gated_lora_on_packed`), and merged LoRA only for
 models small enough (`cpu_linear.merged_lora_fits`).
-The hidden states and cache entries are those of the model's own forward to fp32 rounding (bit for bit on
-the project's machine: oneDNN sums each output the same way whatever the product's width).
+The hidden states and cache entries are those of the model's own forward to rounding (bit for bit on the
+project's machines in fp32, and on the regular tokens in bf16: oneDNN sums each output the same way
+whatever the product's width).
 
 Why: a decoding step on a small model is a few hundred small ops, and on the CPU each one's Python cost
 shows. The modeling files route every layer through module calls, keyword plumbing, the attention
@@ -23,8 +25,9 @@ interface, the cache's `update` and tree attention's per-call input checks; here
 (rotary, cache index, visibility mask) is done once and each layer is its arithmetic. What that saves on
 the demo model is in benchmarks/results/README.md ("The step forward").
 
-Used by `decoding` only on its prepacked path (fp32 CPU inference) and only when `build` recognises every
-piece: the stock decoder-layer classes of those families, plain or gated-LoRA linears with fp32 weights,
+Used by `decoding` only on its prepacked path (CPU inference in a dtype `cpu_linear.packing_applies` to: fp32,
+or bf16 where oneDNN runs it natively) and only when `build` recognises every piece: the stock
+decoder-layer classes of those families, plain or gated-LoRA linears with weights in the model's dtype,
 RMSNorms, and no forward hooks on the decoder stack (this path would skip them). Anything else returns None
 and decoding calls the model's own forward.
 """
@@ -37,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtp_kernels.cpu_linear import gated_lora_on_packed, linear_on_packed, merged_lora_applies, merged_lora_fits
-from mtp_kernels.torch_ops import lora_row_mask
-from mtp_kernels.tree_attention import visibility_mask
+from mtp_kernels.cpu_linear import (gated_lora_on_packed, linear_on_packed, merged_lora_applies, merged_lora_fits,
+                                    packed_row_mask)
+from mtp_kernels.tree_attention import attend_live, attention_dtype, visibility_mask
 from mtp_model.modules import GatedLoRALinear
 
 # (transformers modeling module, decoder model class, decoder layer class) of the stock families.
@@ -95,7 +98,7 @@ class _ProjectionGroup:
 @dataclass(frozen=True)
 class _Gating:
     """One forward's gate in the forms its products take: gate [B, T] bool (None: no mask token), its LoRA
-    row mask (`lora_row_mask`, made once for every product), and whether merged LoRA is allowed at its
+    row mask (`packed_row_mask`, made once for every product), and whether merged LoRA is allowed at its
     row count."""
 
     gate: torch.Tensor | None
@@ -107,7 +110,7 @@ class _Gating:
     def of(cls, gate: torch.Tensor | None, dtype: torch.dtype, merge_allowed: bool) -> _Gating:
         if gate is None:
             return cls(None, None, 0, False)
-        return cls(gate, lora_row_mask(gate, dtype), gate.numel(), merge_allowed)
+        return cls(gate, packed_row_mask(gate, dtype), gate.numel(), merge_allowed)
 
     def merge(self, weight_elements: int) -> bool:
         return self.merge_allowed and merged_lora_applies(self.rows, weight_elements)
@@ -119,8 +122,11 @@ class _Norm:
     eps: float
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # Equal to the modeling files' RMSNorm in fp32 (the only dtype this path runs in), bit for bit.
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:  # the modeling files' RMSNorm, bit for bit, in one op
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Theirs, step by step: normalised in fp32, rounded to x's dtype, then scaled by the weight.
+        wide = x.float()
+        return self.weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,7 @@ class StepForward:
         if not _is_stock(decoder, [type(layer) for layer in used]) or _has_hooks(decoder):
             return None
         try:
-            layers = [_read_layer(layer) for layer in used]
+            layers = [_read_layer(layer, model.dtype) for layer in used]
             final_norm = _norm(decoder.norm)
         except _Unsupported:
             return None
@@ -181,7 +187,7 @@ class StepForward:
         # two slices, a negation and a cat (the same products, so the same values).
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         cos, sin = cos[:, :, None], sin[:, :, None]  # over the heads of [B, T, H, D]
-        live, mask = visibility_mask(cache.lengths, block_mask, cache.starts, embeds.dtype)
+        live, mask = visibility_mask(cache.lengths, block_mask, cache.starts, attention_dtype(embeds.dtype))
         index = cache.write_index(T)
         hidden = embeds
         for layer, cache_layer in zip(self.layers, cache.layers):
@@ -195,10 +201,7 @@ class StepForward:
                 q = _rotate(layer.q_norm(qkv[:, :, :H]), cos, sin)
                 k = _rotate(layer.k_norm(qkv[:, :, H:qk_heads]), cos, sin)
             keys, values = cache_layer.write(k, qkv[:, :, qk_heads:], index)
-            attended = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys[:, :, :live], values[:, :, :live], attn_mask=mask,
-                scale=layer.scaling, enable_gqa=H != layer.kv_heads,
-            )
+            attended = attend_live(q.transpose(1, 2), keys, values, live, mask, layer.scaling)
             hidden = hidden + layer.o(attended.transpose(1, 2).reshape(B, T, -1), gating)
             x = layer.post_norm(hidden)
             gate_proj, up = layer.gate_up(x, gating).chunk(2, dim=-1)
@@ -235,11 +238,11 @@ def _norm(module) -> _Norm:
     return _Norm(module.weight, float(module.variance_epsilon))
 
 
-def _read_layer(layer) -> _Layer:
+def _read_layer(layer, dtype: torch.dtype) -> _Layer:
     attention, mlp = layer.self_attn, layer.mlp
     owners = {"q_proj": attention, "k_proj": attention, "v_proj": attention, "o_proj": attention,
               "gate_proj": mlp, "up_proj": mlp, "down_proj": mlp}
-    projections = {name: _projection(getattr(owners[name], name, None)) for name in _PROJECTIONS}
+    projections = {name: _projection(getattr(owners[name], name, None), dtype) for name in _PROJECTIONS}
     norms = [_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)]
     q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
     head_norms = (None, None) if q_norm is None and k_norm is None else (_norm(q_norm), _norm(k_norm))
@@ -251,14 +254,13 @@ def _read_layer(layer) -> _Layer:
                   mlp.act_fn, head_dim, *heads, float(attention.scaling))
 
 
-def _projection(module) -> _Projection:
+def _projection(module, dtype: torch.dtype) -> _Projection:
     if isinstance(module, GatedLoRALinear):
         base, lora = module.base_layer, (module.lora_A.weight, module.lora_B.weight)
     elif type(module) is nn.Linear:
         base, lora = module, (None, None)
     else:
         raise _Unsupported
-    if type(base) is not nn.Linear or any(t is not None and t.dtype != torch.float32
-                                          for t in (base.weight, base.bias, *lora)):
+    if type(base) is not nn.Linear or any(t is not None and t.dtype != dtype for t in (base.weight, base.bias, *lora)):
         raise _Unsupported
     return _Projection(base.weight, base.bias, *lora, module.scaling if lora[0] is not None else 1.0)

@@ -80,6 +80,7 @@ def test_a_weight_freed_after_the_cache_modules_globals_are_cleared_raises_nothi
 )
 def test_is_f_linear_bit_for_bit_where_packing_does_not_apply(monkeypatch, case):
     dtype = getattr(torch, case) if case.startswith(("float", "bfloat")) else torch.float32
+    monkeypatch.setattr(cpu_linear, "onednn_runs_bf16", lambda: False)  # a CPU without native bf16
     x = torch.randn(6, 20, dtype=dtype)
     weight = torch.randn(12, 20, dtype=dtype, requires_grad=case == "grad")
     if case == "torch_mode":
@@ -92,6 +93,20 @@ def test_is_f_linear_bit_for_bit_where_packing_does_not_apply(monkeypatch, case)
     disabled = torch.backends.mkldnn.flags(enabled=False) if case == "onednn_disabled" else contextlib.nullcontext()
     with torch.no_grad(), disabled:
         assert torch.equal(prepacked_linear(x, weight), expected)
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_runs_bf16(), reason="this CPU's oneDNN emulates bf16")
+def test_bf16_runs_packed_where_onednn_runs_it_natively_with_f_linears_bits(monkeypatch):
+    """In bf16 F.linear itself runs oneDNN: the packed product gives its bits, for every row count."""
+    packed = []
+    original = cpu_linear._packed_weight
+    monkeypatch.setattr(cpu_linear, "_packed_weight", lambda weight: packed.append(weight) or original(weight))
+    weight, bias = torch.randn(40, 24, dtype=torch.bfloat16), torch.randn(40, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for rows in (1, 4, 9, 33):
+            x = torch.randn(rows, 24, dtype=torch.bfloat16)
+            assert torch.equal(prepacked_linear(x, weight, bias), F.linear(x, weight, bias))
+    assert packed
 
 
 def test_a_trainable_weight_is_packed_only_inside_a_generate_call():

@@ -10,6 +10,7 @@ from helpers import FAMILIES, left_padded_prompts, randomize_adapter, stock_gree
 from torch import nn
 
 import mtp_model
+from mtp_kernels import cpu_linear
 from mtp_model import decoding
 from mtp_model.attention import MTPCache
 from mtp_model.step_forward import StepForward
@@ -35,7 +36,7 @@ def patched(family, seed=0, num_masks=3, target_modules=None, **options):
 def decoder(model, written_out: bool, num_masks=3, mode="quadratic"):
     params = mtp_model.decoding.SamplingParams()
     run = decoding.Decoder(model, num_masks=num_masks, mode=mode, use_sampler=True, params=params, generator=None)
-    assert run.step_forward is not None  # the path this forward belongs to: fp32 on the CPU
+    assert run.step_forward is not None  # the path this forward belongs to: the CPU's packed products
     if not written_out:
         run.step_forward = None
     return run
@@ -96,6 +97,38 @@ def test_matches_the_model_forward(family, options):
     for got, want in zip(fast_out[2].layers, reference_out[2].layers):
         assert_states_match(got.keys.transpose(1, 2), want.keys.transpose(1, 2), mask_slots)
         assert_states_match(got.values.transpose(1, 2), want.values.transpose(1, 2), mask_slots)
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_runs_bf16(), reason="this CPU's oneDNN emulates bf16: bf16 decoding keeps "
+                                                              "the model's own forward")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_matches_the_model_forward_in_bf16(family):
+    """bf16 runs the same written-out forward where oneDNN runs bf16 natively: regular tokens' states and
+    cache entries bit for bit (the same products, norms and fp32 attention as the model's own forward);
+    mask tokens' within a few bf16 roundings (the packed LoRA term rounds in bf16, the model's in fp32)."""
+    model = patched(family, seed=2).to(torch.bfloat16)
+    ids, attention_mask = left_padded_prompts([7, 3, 10], model.config.vocab_size, seed=2)
+    generator = torch.Generator().manual_seed(2)
+
+    def step_ids(layout, template):
+        template = template.expand(3, layout.size).clone()
+        template[:, layout.regular] = torch.randint(3, model.config.vocab_size, (3, layout.regular.shape[0]),
+                                                    generator=generator)
+        return template
+
+    with torch.no_grad():
+        fast = prefill_then_step(decoder(model, written_out=True), ids, attention_mask, step_ids)
+        generator.manual_seed(2)
+        reference = prefill_then_step(decoder(model, written_out=False), ids, attention_mask, step_ids)
+    prefill_masks = (torch.arange(fast[0].shape[1]) >= ids.shape[1]).expand(ids.shape[0], -1)
+    step_masks = fast[3][:, ids.shape[1] : ids.shape[1] + fast[1].shape[1]]
+    pairs = [(fast[0], reference[0], prefill_masks), (fast[1], reference[1], step_masks)] + [
+        (getattr(got, name).transpose(1, 2), getattr(want, name).transpose(1, 2), fast[3])
+        for got, want in zip(fast[2].layers, reference[2].layers) for name in ("keys", "values")]
+    for got, want, is_mask in pairs:
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got[~is_mask], want[~is_mask])
+        torch.testing.assert_close(got[is_mask], want[is_mask], rtol=0.05, atol=0.25)
 
 
 def test_a_gate_that_is_not_one_suffix_and_a_wide_step():

@@ -9,16 +9,15 @@ oneDNN runs it natively (`packing_applies`).
 Why: a decoding step feeds a few to a few dozen rows through every projection, where PyTorch's CPU GEMM
 (MKL) runs far below the machine's peak and oneDNN on a weight packed ahead of time does not; one row is
 faster in MKL, which is why plain decoding keeps it. The results agree with F.linear's to fp32 rounding
-(the two sum in different orders); in bf16, where F.linear itself runs oneDNN, they are its bits. Benchmark: `benchmarks/bench_cpu_linear.py`; numbers in
-`benchmarks/results/README.md`.
+(the two sum in different orders); in bf16, where F.linear itself runs oneDNN, they are its bits.
+Benchmark: `benchmarks/bench_cpu_linear.py`; numbers in `benchmarks/results/README.md`.
 
 The packed copy costs one more copy of each weight it serves; it lives as long as the weight tensor and is
 rebuilt when the weight changes (`mtp_kernels.derived`); a tensor that requires grad is packed (or
 merged) only inside a generate call (`derived.trusted`). `prepacked_linear` is plain `F.linear` where
 packing does not apply: autograd on, such a trainable weight, a dtype other than fp32 (or bf16 where oneDNN
-runs it natively), a non-CPU tensor,
-`MTP_KERNELS=torch`, oneDNN disabled (`torch.backends.mkldnn.flags`) or missing from this torch build
-(one warning). Decoding asks `packing_applies` once per generate call and then calls `linear_on_packed`,
+runs it natively), a non-CPU tensor, `MTP_KERNELS=torch`, oneDNN disabled (`torch.backends.mkldnn.flags`)
+or missing from this torch build (one warning). Decoding asks `packing_applies` once per generate call and then calls `linear_on_packed`,
 which checks nothing.
 
 Merged LoRA (`gated_lora_on_packed(..., merge=True)`): the LoRA term of the gated rows (a step's mask

@@ -16,10 +16,11 @@ Programs whose slots lie past the gated count read only -1 and return at once: t
 Backward: torch matmuls with the gate as a row mask (training layouts gate most rows anyway).
 
 The torch custom op `mtp_kernels::gated_lora_linear` (fake implementation and autograd registered) runs
-this on CUDA tensors; on CPU tensors oneDNN on packed weights for a decoding step's fp32 rows
-(`cpu_linear.gated_lora_linear`), else `torch_ops.gated_lora_linear`, or, with
-`MTP_KERNELS=interpret`, these kernels in Triton's interpreter. Under torch.compile, the public function
-hands CPU tensors' work to the compiler as torch_ops' torch ops rather than as the opaque op. Benchmark: `benchmarks/bench_gated_lora.py`.
+this on CUDA tensors; on CPU tensors oneDNN on packed weights for a decoding step's rows
+(`cpu_linear.gated_lora_linear`: fp32, or bf16 where oneDNN runs it natively), else
+`torch_ops.gated_lora_linear`, or, with `MTP_KERNELS=interpret`, these kernels in Triton's interpreter. Under torch.compile, the public function
+hands CPU tensors' work to the compiler as torch_ops' torch ops rather than as the opaque op.
+Benchmark: `benchmarks/bench_gated_lora.py`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import mtp_kernels
+from mtp_kernels import cpu_linear
 from mtp_kernels import gated_lora as gated_lora_module
 from mtp_kernels.gated_lora import _plan
 from mtp_model.modules import GateContext, GatedLoRALinear
@@ -84,6 +85,20 @@ def test_leading_dims_and_no_bias(kernel_mode):
     assert torch.equal(out[~gate], F.linear(x, weight)[~gate])
     assert_lora_rows_close(out, x, weight, None, a, b, 0.5, gate)
 
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_runs_bf16(), reason="this CPU's oneDNN emulates bf16: bf16 runs torch_ops")
+@pytest.mark.parametrize(("rows", "in_f", "out_f", "rank"), [(37, 70, 50, 5), (1, 33, 17, 1), (20, 300, 40, 256)])
+@pytest.mark.parametrize("gated", ["random", "all"])
+def test_bf16_on_packed_weights(monkeypatch, rows, in_f, out_f, rank, gated):
+    """The default CPU path in bf16 (packed products, the LoRA term rounded in bf16) within the budget."""
+    monkeypatch.delenv("MTP_KERNELS", raising=False)
+    x, weight, bias, a, b, gate = make(rows, in_f, out_f, rank, torch.bfloat16, gated, seed=rows + rank)
+    with torch.no_grad():
+        out = mtp_kernels.gated_lora_linear(x, weight, bias, a, b, 2.0, gate)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out[~gate], F.linear(x, weight, bias)[~gate])
+    assert_lora_rows_close(out, x, weight, bias, a, b, 2.0, gate)
 
 def check_backward_against_the_reference(device):
     x, weight, bias, a, b, gate = (t.to(device) for t in make(29, 40, 24, 6, torch.float32, seed=3))

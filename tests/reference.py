@@ -2,9 +2,9 @@
 tests to hold every implementation to (the Triton kernels, `mtp_kernels.torch_ops`, the CPU's packed and
 SDPA paths, the extension).
 
-Each function takes the public op's arguments (sampling parameters spelled out), computes in float64 and
-rounds once to the inputs' dtype, so fp64 inputs give the exact answer and narrower ones the correctly
-rounded one. The formulations differ on purpose from `torch_ops` (per-row loops, masks built by
+Each function takes the public op's arguments (sampling parameters spelled out) and computes in float64;
+values come back rounded once to the inputs' dtype (fp64 inputs: the exact answer; narrower ones: the
+correctly rounded one), choices as token ids. The formulations differ on purpose from `torch_ops` (per-row loops, masks built by
 concatenation, top-p by pairwise mass), so that a test of `torch_ops` against this module can fail.
 Written for clarity, not speed: test-sized inputs only. Shapes are those of the public ops
 (`mtp_kernels/torch_ops.py` lists them).

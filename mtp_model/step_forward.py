@@ -10,8 +10,8 @@ compute, in the same order: per layer RMSNorm; the q, k, v projections (with the
 has them) viewed [B, T, H, D]; Qwen3's per-head q and k norms; the rotary embedding (rotate-half, cos and
 sin from the model's own `rotary_emb`, so every rope type it knows); the step's keys and values written
 into the cache; SDPA under the step's visibility mask (grouped-query, the module's `scaling`, in fp32 as
-tree attention's CPU path computes it); o_proj and
-the residual; RMSNorm, down(act(gate) * up) and the residual; then the final norm. Projections are the
+tree attention's CPU path computes it); o_proj and the residual; RMSNorm, down(act(gate) * up) and the
+residual; then the final norm. Projections are the
 patch's gated LoRA products on prepacked weights, as the op's CPU path runs them, except that q, k and v
 (and gate and up) run as one product each (`cpu_linear.gated_lora_on_packed`), and merged LoRA only for
 models small enough (`cpu_linear.merged_lora_fits`).

@@ -71,32 +71,36 @@ def assert_states_match(got, want, is_mask):
     torch.testing.assert_close(got[is_mask], want[is_mask], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family, options", VARIANTS, ids=lambda v: v if isinstance(v, str) else "-".join(v) or "")
-def test_matches_the_model_forward(family, options):
-    model = patched(family, seed=1, **options)
-    ids, attention_mask = left_padded_prompts([7, 3, 10], model.config.vocab_size, seed=1)
-    generator = torch.Generator().manual_seed(1)
+def written_out_and_own_forward(model, seed):
+    """The written-out and the model's own forward over the same prefill and quadratic step (random
+    regular tokens in the step's regular slots): (got, want, is_mask) for the prefill's and the step's
+    hidden states and every layer's cache keys and values."""
+    ids, attention_mask = left_padded_prompts([7, 3, 10], model.config.vocab_size, seed=seed)
+    generator = torch.Generator()
 
-    def step_ids(layout, template):  # the step's template with random regular tokens in the regular slots
+    def step_ids(layout, template):
         template = template.expand(3, layout.size).clone()
         template[:, layout.regular] = torch.randint(3, model.config.vocab_size, (3, layout.regular.shape[0]),
                                                     generator=generator)
         return template
 
-    fast = decoder(model, written_out=True)
-    assert fast.step_forward is not None
-    reference = decoder(model, written_out=False)
-    with torch.no_grad():
-        fast_out = prefill_then_step(fast, ids, attention_mask, step_ids)
-        generator.manual_seed(1)
-        reference_out = prefill_then_step(reference, ids, attention_mask, step_ids)
-    prefill_masks = torch.arange(fast_out[0].shape[1]) >= ids.shape[1]
-    assert_states_match(fast_out[0], reference_out[0], prefill_masks.expand(ids.shape[0], -1))
-    mask_slots = fast_out[3]
-    assert_states_match(fast_out[1], reference_out[1], mask_slots[:, ids.shape[1] : ids.shape[1] + fast_out[1].shape[1]])
-    for got, want in zip(fast_out[2].layers, reference_out[2].layers):
-        assert_states_match(got.keys.transpose(1, 2), want.keys.transpose(1, 2), mask_slots)
-        assert_states_match(got.values.transpose(1, 2), want.values.transpose(1, 2), mask_slots)
+    outputs = []
+    for written_out in (True, False):
+        generator.manual_seed(seed)
+        with torch.no_grad():
+            outputs.append(prefill_then_step(decoder(model, written_out), ids, attention_mask, step_ids))
+    fast, reference = outputs
+    P = ids.shape[1]
+    prefill_masks = (torch.arange(fast[0].shape[1]) >= P).expand(ids.shape[0], -1)
+    return [(fast[0], reference[0], prefill_masks), (fast[1], reference[1], fast[3][:, P : P + fast[1].shape[1]])] + [
+        (getattr(got, name).transpose(1, 2), getattr(want, name).transpose(1, 2), fast[3])
+        for got, want in zip(fast[2].layers, reference[2].layers) for name in ("keys", "values")]
+
+
+@pytest.mark.parametrize("family, options", VARIANTS, ids=lambda v: v if isinstance(v, str) else "-".join(v) or "")
+def test_matches_the_model_forward(family, options):
+    for got, want, is_mask in written_out_and_own_forward(patched(family, seed=1, **options), seed=1):
+        assert_states_match(got, want, is_mask)
 
 
 @pytest.mark.skipif(not cpu_linear.onednn_runs_bf16(), reason="this CPU's oneDNN emulates bf16: bf16 decoding keeps "
@@ -106,26 +110,7 @@ def test_matches_the_model_forward_in_bf16(family):
     """bf16 runs the same written-out forward where oneDNN runs bf16 natively: regular tokens' states and
     cache entries bit for bit (the same products, norms and fp32 attention as the model's own forward);
     mask tokens' within a few bf16 roundings (the packed LoRA term rounds in bf16, the model's in fp32)."""
-    model = patched(family, seed=2).to(torch.bfloat16)
-    ids, attention_mask = left_padded_prompts([7, 3, 10], model.config.vocab_size, seed=2)
-    generator = torch.Generator().manual_seed(2)
-
-    def step_ids(layout, template):
-        template = template.expand(3, layout.size).clone()
-        template[:, layout.regular] = torch.randint(3, model.config.vocab_size, (3, layout.regular.shape[0]),
-                                                    generator=generator)
-        return template
-
-    with torch.no_grad():
-        fast = prefill_then_step(decoder(model, written_out=True), ids, attention_mask, step_ids)
-        generator.manual_seed(2)
-        reference = prefill_then_step(decoder(model, written_out=False), ids, attention_mask, step_ids)
-    prefill_masks = (torch.arange(fast[0].shape[1]) >= ids.shape[1]).expand(ids.shape[0], -1)
-    step_masks = fast[3][:, ids.shape[1] : ids.shape[1] + fast[1].shape[1]]
-    pairs = [(fast[0], reference[0], prefill_masks), (fast[1], reference[1], step_masks)] + [
-        (getattr(got, name).transpose(1, 2), getattr(want, name).transpose(1, 2), fast[3])
-        for got, want in zip(fast[2].layers, reference[2].layers) for name in ("keys", "values")]
-    for got, want, is_mask in pairs:
+    for got, want, is_mask in written_out_and_own_forward(patched(family, seed=2).to(torch.bfloat16), seed=2):
         assert got.dtype == torch.bfloat16
         assert torch.equal(got[~is_mask], want[~is_mask])
         torch.testing.assert_close(got[is_mask], want[is_mask], rtol=0.05, atol=0.25)

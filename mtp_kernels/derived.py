@@ -12,12 +12,16 @@ that one comparison.
 
 An edit through `.data` (or a numpy view), or a fused optimizer's step (fused AdamW, the HF Trainer's
 default), changes a tensor's contents without bumping its version, so no per-lookup check can see it.
-The module keeps a copy of each source's contents as they were when a value was last built from it, and
-`refresh()` drops every value whose source no longer equals its copy: a generate call runs in
-`refreshed()`, which refreshes once before its first step. That is one comparison of each source per
-call, against building every value again per call, which costs about fifteen times more; the price is
-one more copy of each source in memory. Outside a generate call an optimizer may step between any two
-lookups, so callers derive values only from `trusted` tensors: frozen ones, or any inside `refreshed()`.
+The module keeps a fingerprint of each source's contents as they were when a value was last built from
+it, and `refresh()` drops every value whose source's fingerprint has changed: a generate call runs in
+`refreshed()`, which refreshes once before its first step. That is one read of each source per call,
+against building every value again per call, which costs about fifteen times more. On the CPU the
+fingerprint is a CRC-32 of each 16 MiB of the source's bytes, computed on `torch.get_num_threads()`
+threads, so it costs no memory: a change within 32 consecutive bits (any one fp32 weight) is always
+seen, any other change is missed with probability about 2^-32 per chunk it touches. On other devices,
+where hashing would mean copying to the host, it is a copy of the source, compared exactly. Outside a
+generate call an optimizer may step between any two lookups, so callers derive values only from
+`trusted` tensors: frozen ones, or any inside `refreshed()`.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import weakref
+import zlib
 from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 _cache: dict[tuple, tuple] = {}  # key -> (weak references to the sources, their states, their ids, value)
-_copies: dict[int, tuple] = {}  # id(source) -> (weak reference to it, its contents when a value was built)
+_fingerprints: dict[int, tuple] = {}  # id(source) -> (weak reference to it, its fingerprint when a value was built)
+_CHUNK_BYTES = 16 << 20  # a CPU fingerprint's CRC unit: big weights spread over the threads
 _refreshed: contextvars.ContextVar[bool] = contextvars.ContextVar("mtp_derived_refreshed", default=False)
 
 
@@ -82,29 +89,55 @@ def refresh() -> None:
     """Drops every value built from a source whose contents have changed since (see the module docstring)."""
     # dict.copy() takes its snapshot in C, where no garbage collection (whose weak-reference callbacks pop
     # entries) can run mid-way, as it can while list() walks the items.
-    for source_id, (reference, copy) in _copies.copy().items():
-        source = reference()
-        if source is not None and not _same(source, copy):
+    kept = [(source_id, reference(), fingerprint)
+            for source_id, (reference, fingerprint) in _fingerprints.copy().items()]
+    kept = [entry for entry in kept if entry[1] is not None]
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        crcs = _crcs([source for _, source, _ in kept], pool.map)
+    for (source_id, source, fingerprint), source_crcs in zip(kept, crcs):
+        if not _unchanged(source, fingerprint, source_crcs):
             _forget(source_id)
 
 
 def _remember(source: torch.Tensor) -> None:
-    """Keeps a copy of `source` as a value is built from it; values built from older contents go."""
+    """Keeps the fingerprint of `source` as a value is built from it; values built from older contents go."""
     source_id = id(source)
-    kept = _copies.get(source_id)
-    if kept is not None and _same(source, kept[1]):
+    (crcs,) = _crcs([source])
+    kept = _fingerprints.get(source_id)
+    if kept is not None and _unchanged(source, kept[1], crcs):
         return
     _forget(source_id)
-    reference = weakref.ref(source, lambda _, copies=_copies: copies.pop(source_id, None))
-    _copies[source_id] = (reference, source.detach().clone())
+    reference = weakref.ref(source, lambda _, fingerprints=_fingerprints: fingerprints.pop(source_id, None))
+    contents = crcs if crcs is not None else source.detach().clone()
+    _fingerprints[source_id] = (reference, (source.shape, source.dtype, contents))
 
 
-def _same(source: torch.Tensor, copy: torch.Tensor) -> bool:
-    return source.shape == copy.shape and source.dtype == copy.dtype and bool(torch.equal(source.detach(), copy))
+def _crcs(sources: list[torch.Tensor], map_=map) -> list[tuple[int, ...] | None]:
+    """The CRC-32s of each CPU source's 16 MiB chunks, each chunk a task for `map_` (zlib releases the GIL on
+    large buffers, so a thread pool's map runs them in parallel); None for a source on another device."""
+    chunks, owners = [], []
+    for index, source in enumerate(sources):
+        if source.device.type == "cpu":
+            data = source.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            for start in range(0, max(len(data), 1), _CHUNK_BYTES):
+                chunks.append(data[start:start + _CHUNK_BYTES])
+                owners.append(index)
+    crcs = [[] if source.device.type == "cpu" else None for source in sources]
+    for owner, crc in zip(owners, map_(zlib.crc32, chunks)):
+        crcs[owner].append(crc)
+    return [None if found is None else tuple(found) for found in crcs]
+
+
+def _unchanged(source: torch.Tensor, fingerprint: tuple, crcs: tuple[int, ...] | None) -> bool:
+    """Whether `source` (whose chunks' CRCs are `crcs`, None off the CPU) still has the fingerprinted contents."""
+    shape, dtype, contents = fingerprint
+    if source.shape != shape or source.dtype != dtype or isinstance(contents, tuple) != (crcs is not None):
+        return False
+    return contents == crcs if crcs is not None else bool(torch.equal(source.detach(), contents))
 
 
 def _forget(source_id: int) -> None:
-    _copies.pop(source_id, None)
+    _fingerprints.pop(source_id, None)
     for key, entry in _cache.copy().items():
         if source_id in entry[2]:
             _cache.pop(key, None)

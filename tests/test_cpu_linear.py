@@ -59,6 +59,33 @@ def test_the_packed_copy_is_kept_rebuilt_on_change_and_freed_with_the_weight():
     assert key not in derived._cache
 
 
+@pytest.mark.parametrize("edit", ["one bit", "two signs", "a row negated", "two values swapped", "none"])
+def test_refresh_sees_edits_that_bump_no_version_and_keeps_no_copy(edit):
+    """An edit through `.data` leaves the version alone; `refresh()` must still drop the packed copy, for
+    edits a sum of the weight's bits would miss too, in a weight of several fingerprint chunks, and keep it
+    when nothing changed. What it compares with is not a copy of the weight."""
+    generator = torch.Generator().manual_seed(len(edit))
+    weight = torch.randn(2500, 2000, generator=generator)  # 19 MiB: two 16 MiB chunks
+    key = derived.cache_key("packed", (weight,))
+    with torch.no_grad():
+        prepacked_linear(torch.randn(3, 2000), weight)
+    assert key in derived._cache
+    kept = [t for _, fingerprint in derived._fingerprints.values() for t in fingerprint if isinstance(t, torch.Tensor)]
+    assert not kept
+    row, col = (int(i) for i in torch.randint(0, 2000, (2,), generator=generator))
+    bits = weight.data.view(torch.int32)
+    if edit == "one bit":
+        bits[row, col] ^= 1 << int(torch.randint(0, 32, (), generator=generator))
+    elif edit == "two signs":
+        weight.data[row, col : col + 2].neg_()
+    elif edit == "a row negated":
+        weight.data[row].neg_()
+    elif edit == "two values swapped":
+        weight.data[row, [col, col + 1]] = weight[row, [col + 1, col]].clone()
+    derived.refresh()
+    assert (key in derived._cache) == (edit == "none")
+
+
 
 def test_a_weight_freed_after_the_cache_modules_globals_are_cleared_raises_nothing(monkeypatch):
     """At interpreter exit a model's tensors may be freed after `derived`'s globals are set to None: the
@@ -69,7 +96,7 @@ def test_a_weight_freed_after_the_cache_modules_globals_are_cleared_raises_nothi
     with torch.no_grad():
         prepacked_linear(torch.randn(5, 8), weight)
     monkeypatch.setattr(derived, "_cache", None)
-    monkeypatch.setattr(derived, "_copies", None)
+    monkeypatch.setattr(derived, "_fingerprints", None)
     del weight
     gc.collect()
     assert not unraisable

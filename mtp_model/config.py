@@ -22,6 +22,10 @@ class MTPConfig:
     generate_num_masks: masks per step `generate` uses by default, 1..num_masks (None: num_masks); on a
     machine where a verify step over many tokens costs much more than a plain one, fewer masks can be
     faster. `mtp eval --save-fastest` sets it and `decoding` to the fastest configuration it measured.
+    generate_max_batch: `generate` speculates for batches of up to this many rows and hands larger ones to
+    stock generate (None: every batch). A step multiplies (rows x tokens per step) rows at once, so past
+    some batch size the forward is compute-bound and speculation costs more than it saves; where depends
+    on the machine (`benchmarks/results/README.md` has a CPU's numbers).
     use_sampler: draft with the sampler head (False: plain LM head on the mask states, the ablation).
     draft_vocab_size: drafts come from this many tokens only (the adapter's `mtp.draft_tokens`, the most
     frequent in its training responses), so the draft chain reads that many rows of the LM head per draft
@@ -37,6 +41,7 @@ class MTPConfig:
     target_modules: tuple[str, ...] = ALL_PROJECTIONS
     decoding: str = "quadratic"
     generate_num_masks: int | None = None
+    generate_max_batch: int | None = None
     use_sampler: bool = True
     mask_init_std: float | None = None  # None: the std of the model's input embeddings
     draft_vocab_size: int | None = None
@@ -54,6 +59,8 @@ class MTPConfig:
             check_int("draft_vocab_size", self.draft_vocab_size, low=1)
         if self.generate_num_masks is not None:
             check_int("generate_num_masks", self.generate_num_masks, low=1, high=self.num_masks)
+        if self.generate_max_batch is not None:
+            check_int("generate_max_batch", self.generate_max_batch, low=1)
         check_finite_number("lora_alpha", self.lora_alpha)
         if self.mask_init_std is not None:
             check_finite_number("mask_init_std", self.mask_init_std, positive=True)

@@ -76,7 +76,7 @@ class MTPGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 def mtp_generate(model, *args, num_masks: int | None = None, decoding: str | None = None,
-                 use_sampler: bool | None = None, max_steps: int | None = None,
+                 use_sampler: bool | None = None, max_steps: int | None = None, max_batch: int | None = None,
                  generator: torch.Generator | None = None, **kwargs):
     """`model.generate` of a patched model: stock generate's parameters, positional or by keyword, with
     stock's meaning (its own signature binds them and its own helpers merge `generation_config` with the
@@ -85,13 +85,16 @@ def mtp_generate(model, *args, num_masks: int | None = None, decoding: str | Non
     num_masks: drafts per step, 1..the adapter's k (default: the config's generate_num_masks, else k).
     decoding: "quadratic" or "linear" (default from the config). use_sampler: False drafts with the plain LM
     head on the mask states (ablation). max_steps: stop after this many forward passes (the paper's
-    evaluation uses 100). generator: the torch.Generator for sampling.
+    evaluation uses 100). max_batch: batches of more rows go to stock generate (default: the config's
+    generate_max_batch, else no limit). generator: the torch.Generator for sampling.
 
     A call MTP cannot decode as asked (an option it does not implement, a model hook it would bypass, a
-    sliding window it would outgrow) goes to stock generate with one warning naming the reason.
+    sliding window it would outgrow, more rows than max_batch) goes to stock generate with one warning
+    naming the reason.
     """
     model.mtp_stats = None
-    num_masks, decoding, use_sampler = _mtp_options(model, num_masks, decoding, use_sampler, max_steps, generator)
+    num_masks, decoding, use_sampler, max_batch = _mtp_options(model, num_masks, decoding, use_sampler, max_steps,
+                                                               max_batch, generator)
     signature = inspect.signature(type(model).generate)
     arguments = signature.bind(model, *args, **kwargs).arguments  # stock's positional order; its TypeErrors
     names = list(signature.parameters)
@@ -126,6 +129,8 @@ def mtp_generate(model, *args, num_masks: int | None = None, decoding: str | Non
         return hand_off(f"MTP decoding would not run {', '.join(hooks)}")
 
     input_ids, attention_mask, caller_device = _check_prompt(model, input_ids, attention_mask)
+    if max_batch is not None and input_ids.shape[0] > max_batch:
+        return hand_off(f"this batch has {input_ids.shape[0]} rows, more than max_batch={max_batch}")
     prompt_length = input_ids.shape[1]
     model._prepare_generated_length(config, default_max_length, True, "input_ids", prompt_length, input_ids)
     model._validate_generated_length(config, prompt_length, default_max_length)  # stock's errors and warnings
@@ -156,7 +161,7 @@ def mtp_generate(model, *args, num_masks: int | None = None, decoding: str | Non
     return sequences
 
 
-def _mtp_options(model, num_masks, decoding, use_sampler, max_steps, generator):
+def _mtp_options(model, num_masks, decoding, use_sampler, max_steps, max_batch, generator):
     """The MTP-only options, checked whether or not the call is then handed to stock generation."""
     mtp_config = model.mtp_config
     if num_masks is None:
@@ -170,9 +175,12 @@ def _mtp_options(model, num_masks, decoding, use_sampler, max_steps, generator):
         raise ValueError(f"use_sampler must be True or False, got {use_sampler!r}")
     if max_steps is not None:
         check_int("max_steps", max_steps, low=1)
+    max_batch = mtp_config.generate_max_batch if max_batch is None else max_batch
+    if max_batch is not None:
+        check_int("max_batch", max_batch, low=1)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    return num_masks, decoding, use_sampler
+    return num_masks, decoding, use_sampler, max_batch
 
 
 @functools.cache

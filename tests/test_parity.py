@@ -142,6 +142,8 @@ def test_errors_are_stocks(kwargs):
     ({"max_steps": 2.5}, "max_steps must be an integer"),
     ({"use_sampler": "no"}, "use_sampler"),
     ({"generator": 1}, "generator"),
+    ({"max_batch": 0}, "max_batch must be >= 1"),
+    ({"max_batch": 2.0}, "max_batch must be an integer"),
     # MTP's own options are checked even when the call then goes to stock generation.
     ({"num_masks": 2.0, "num_beams": 2}, "num_masks must be an integer"),
 ])
@@ -157,6 +159,7 @@ def test_bad_mtp_options_are_named(kwargs, message):
     ({"num_masks": 2.0}, "num_masks must be an integer"),
     ({"lora_rank": True}, "lora_rank must be an integer"),
     ({"generate_num_masks": 1.0}, "generate_num_masks must be an integer"),
+    ({"generate_max_batch": 0}, "generate_max_batch must be >= 1"),
     ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
     ({"mask_init_std": float("inf")}, "mask_init_std must be a finite number"),
     ({"target_modules": ["q_proj", 3]}, "target_modules"),
@@ -214,6 +217,23 @@ def test_stats_of_a_handed_off_call_are_not_the_previous_calls():
     with pytest.warns(UserWarning, match="num_beams"):
         model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=2)
     assert model.mtp_stats is None
+
+
+@pytest.mark.parametrize("where", ["keyword", "config"])
+def test_batches_over_max_batch_go_to_stock_and_smaller_ones_speculate(where):
+    model = patched(seed=12)
+    ids, mask = left_padded_prompts([4, 6, 5], model.config.vocab_size, seed=12)
+    limit = {"max_batch": 2} if where == "keyword" else {}
+    model.mtp_config.generate_max_batch = 2 if where == "config" else None
+    expected = stock(model, ids, attention_mask=mask, max_new_tokens=6)
+    with pytest.warns(UserWarning, match="3 rows, more than max_batch=2"):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, **limit)
+    assert torch.equal(out, expected) and model.mtp_stats is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no hand-off at the limit
+        out = model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=6, **limit)
+    assert torch.equal(out, stock(model, ids[:2], attention_mask=mask[:2], max_new_tokens=6))
+    assert model.mtp_stats["tokens"] > 0
 
 
 def test_a_generator_the_hand_off_cannot_use_is_named():

@@ -11,17 +11,17 @@ which is elementwise.) Decoding asks for these values in every projection of eve
 that one comparison.
 
 An edit through `.data` (or a numpy view), or a fused optimizer's step (fused AdamW, the HF Trainer's
-default), changes a tensor's contents without bumping its version, so no per-lookup check can see it.
-The module keeps a fingerprint of each source's contents as they were when a value was last built from
-it, and `refresh()` drops every value whose source's fingerprint has changed: a generate call runs in
-`refreshed()`, which refreshes once before its first step. That is one read of each source per call,
-against building every value again per call, which costs about fifteen times more. On the CPU the
-fingerprint is a CRC-32 of each 16 MiB of the source's bytes, computed on `torch.get_num_threads()`
-threads, so it costs no memory: a change within 32 consecutive bits (any one fp32 weight) is always
-seen, any other change is missed with probability about 2^-32 per chunk it touches. On other devices,
-where hashing would mean copying to the host, it is a copy of the source, compared exactly. Outside a
-generate call an optimizer may step between any two lookups, so callers derive values only from
-`trusted` tensors: frozen ones, or any inside `refreshed()`.
+default), changes a tensor's contents without bumping its version, so no per-lookup check can see it. The
+module keeps a fingerprint of each source's contents as they were when a value was last built from it, and
+`refresh()` drops every value whose source's fingerprint has changed: a generate call runs in `refreshed()`,
+which refreshes once before its first step. That is one read of each source per call, against building every
+value again per call, which costs about fifteen times more. On the CPU the fingerprint is a CRC-32 of each
+16 MiB of the source's bytes (zlib-ng's, which reads tens of GB/s; the standard library's zlib gives the same
+values, several times slower, where zlib-ng is not installed), so it costs no memory: a change within 32
+consecutive bits (any one fp32 weight) is always seen, any other change is missed with probability about 2^-32
+per chunk it touches. On other devices, where hashing would mean copying to the host, it is a copy of the
+source, compared exactly. Outside a generate call an optimizer may step between any two lookups, so callers
+derive values only from `trusted` tensors: frozen ones, or any inside `refreshed()`.
 """
 
 from __future__ import annotations
@@ -29,15 +29,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import weakref
-import zlib
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+try:
+    from zlib_ng.zlib_ng import crc32
+except ImportError:
+    from zlib import crc32
+
 _cache: dict[tuple, tuple] = {}  # key -> (weak references to the sources, their states, their ids, value)
 _fingerprints: dict[int, tuple] = {}  # id(source) -> (weak reference to it, its fingerprint when a value was built)
-_CHUNK_BYTES = 16 << 20  # a CPU fingerprint's CRC unit: big weights spread over the threads
+_CHUNK_BYTES = 16 << 20  # a CPU fingerprint's CRC unit (CRC-32 is weakest on messages past 512 MiB)
 _refreshed: contextvars.ContextVar[bool] = contextvars.ContextVar("mtp_derived_refreshed", default=False)
 
 
@@ -92,8 +95,7 @@ def refresh() -> None:
     kept = [(source_id, reference(), fingerprint)
             for source_id, (reference, fingerprint) in _fingerprints.copy().items()]
     kept = [entry for entry in kept if entry[1] is not None]
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        crcs = _crcs([source for _, source, _ in kept], pool.map)
+    crcs = _crcs([source for _, source, _ in kept])
     for (source_id, source, fingerprint), source_crcs in zip(kept, crcs):
         if not _unchanged(source, fingerprint, source_crcs):
             _forget(source_id)
@@ -112,20 +114,17 @@ def _remember(source: torch.Tensor) -> None:
     _fingerprints[source_id] = (reference, (source.shape, source.dtype, contents))
 
 
-def _crcs(sources: list[torch.Tensor], map_=map) -> list[tuple[int, ...] | None]:
-    """The CRC-32s of each CPU source's 16 MiB chunks, each chunk a task for `map_` (zlib releases the GIL on
-    large buffers, so a thread pool's map runs them in parallel); None for a source on another device."""
-    chunks, owners = [], []
-    for index, source in enumerate(sources):
-        if source.device.type == "cpu":
-            data = source.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            for start in range(0, max(len(data), 1), _CHUNK_BYTES):
-                chunks.append(data[start:start + _CHUNK_BYTES])
-                owners.append(index)
-    crcs = [[] if source.device.type == "cpu" else None for source in sources]
-    for owner, crc in zip(owners, map_(zlib.crc32, chunks)):
-        crcs[owner].append(crc)
-    return [None if found is None else tuple(found) for found in crcs]
+def _crcs(sources: list[torch.Tensor]) -> list[tuple[int, ...] | None]:
+    """The CRC-32s of each CPU source's 16 MiB chunks; None for a source on another device."""
+    found = []
+    for source in sources:
+        if source.device.type != "cpu":
+            found.append(None)
+            continue
+        data = source.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        starts = range(0, max(len(data), 1), _CHUNK_BYTES)
+        found.append(tuple(crc32(data[start : start + _CHUNK_BYTES]) for start in starts))
+    return found
 
 
 def _unchanged(source: torch.Tensor, fingerprint: tuple, crcs: tuple[int, ...] | None) -> bool:

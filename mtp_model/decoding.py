@@ -51,7 +51,7 @@ from mtp_model import adapter as adapter_io
 from mtp_model.attention import MTPCache
 from mtp_model.config import DECODING_MODES, check_int
 from mtp_model.layout import step_layout
-from mtp_model.model_helpers import embed_tokens, gate_context, sliding_window
+from mtp_model.model_helpers import embed_tokens, gate_context, rope_length_limit, sliding_window
 from mtp_model.modules import effective_gate
 from mtp_model.step_forward import StepForward
 
@@ -128,7 +128,10 @@ def mtp_generate(model, *args, num_masks: int | None = None, decoding: str | Non
     if hooks:
         return hand_off(f"MTP decoding would not run {', '.join(hooks)}")
 
-    input_ids, attention_mask, caller_device = _check_prompt(model, input_ids, attention_mask)
+    eos = config.eos_token_id
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    input_ids, attention_mask, caller_device = _check_prompt(model, input_ids, attention_mask, config.pad_token_id,
+                                                             eos_ids)
     if max_batch is not None and input_ids.shape[0] > max_batch:
         return hand_off(f"this batch has {input_ids.shape[0]} rows, more than max_batch={max_batch}")
     prompt_length = input_ids.shape[1]
@@ -141,10 +144,12 @@ def mtp_generate(model, *args, num_masks: int | None = None, decoding: str | Non
         # MTP attention sees the whole sequence; past the window that would no longer be this model's output.
         return hand_off(f"this model attends within a sliding window of {window} tokens, which MTP decoding does "
                         f"not implement, and this call's sequences reach {longest} tokens")
+    limit, reach = rope_length_limit(model), longest + 2 * num_masks  # a step's masks run 2k past its anchor
+    if limit is not None and reach >= limit:
+        return hand_off(f"this model's rotary embedding changes its frequencies from {limit} positions on, which "
+                        f"MTP's forwards, reaching {reach} positions here, would cross before stock's")
     adapter_io.check_finite(adapter_io.adapter_tensors(model), "the MTP adapter")
     params = _sampling_params(config)
-    eos = config.eos_token_id
-    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     # Stock's choice: the pad token, else the first EOS token.
     pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
 
@@ -235,9 +240,11 @@ def _sampling_params(config: GenerationConfig) -> SamplingParams:
     return SamplingParams(temperature, config.top_k or None, config.top_p)  # top_k 0 means no top-k
 
 
-def _check_prompt(model, input_ids, attention_mask):
+def _check_prompt(model, input_ids, attention_mask, pad_id, eos_ids):
     """The prompt on the model's device (stock takes CPU inputs for a model elsewhere, and so does this;
-    the sequences go back to the caller's device), checked."""
+    the sequences go back to the caller's device), checked, and its attention mask as 0/1: any nonzero
+    value attends, as in stock; without one, stock's inference (the pad token's positions are padding when
+    the prompt holds it and it is no EOS)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
         raise ValueError("input_ids must be a [batch, length] tensor of token ids")
     if input_ids.dtype not in (torch.int32, torch.int64):
@@ -249,10 +256,11 @@ def _check_prompt(model, input_ids, attention_mask):
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= model.config.vocab_size):
         raise ValueError(f"input_ids holds ids outside the vocabulary [0, {model.config.vocab_size})")
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        inferable = pad_id is not None and pad_id not in eos_ids and bool((input_ids == pad_id).any())
+        attention_mask = input_ids != pad_id if inferable else torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
-    attention_mask = attention_mask.to(device).long()
+    attention_mask = (attention_mask.to(device) != 0).long()
     if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
         raise ValueError("MTP generation needs left padding (pad tokens before the prompt); set padding_side='left'")
     if bool((attention_mask.sum(1) == 0).any()):
@@ -261,7 +269,7 @@ def _check_prompt(model, input_ids, attention_mask):
     longest = int(attention_mask.sum(1).max())
     if limit is not None and longest > limit:
         raise ValueError(f"the prompt has {longest} tokens but the model allows at most {limit}")
-    return input_ids.long(), attention_mask, caller_device
+    return input_ids, attention_mask, caller_device  # in the caller's integer dtype, as the streamer gets it
 
 
 def cache_keyword(decoder) -> str:
@@ -424,7 +432,9 @@ class Decoder:
             mask_hidden = hidden.gather(1, mask_rows.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
             finished = self.emit(emitted, accepted + 1, output, generated, finished, eos, max_new_tokens, stats,
                                  stream)
-            anchor, anchor_position = bonus, anchor_position + accepted + 1
+            # A finished row's position stays: its forwards no longer matter, and positions that ran on would
+            # reach where a rotary embedding that scales with the sequence length changes for every row.
+            anchor, anchor_position = bonus, anchor_position + (accepted + 1).masked_fill(finished, 0)
             # Linear decoding has a mask block only after the last draft: after a rejection -1 marks "no draft".
             drafts = self.draft(bonus, mask_hidden).masked_fill(mask_rows[:, :1] < 0, -1)
 

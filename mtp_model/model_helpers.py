@@ -1,6 +1,6 @@
 """What patch, decoding, training and the adapter format share about a (patched) model: the supported
-families, the facts an adapter must match, the sliding window, and the mask-token inputs and gate of a
-forward. A leaf module: it imports nothing of the package, so nothing here forms an import cycle.
+families, the facts an adapter must match, the sliding window, the length past which the rotary embedding
+changes, and the mask-token inputs and gate of a forward. A leaf module: it imports nothing of the package, so nothing here forms an import cycle.
 
 Mask tokens live outside the model's vocabulary: in the id tensors this package builds, mask i is
 `vocab_size + i`. `embed_tokens` embeds such ids; the gate of a forward is `ids >= vocab_size`.
@@ -39,6 +39,22 @@ def sliding_window(model) -> int | None:
         if window:
             windows.append(int(window))
     return min(windows, default=None)
+
+
+def rope_length_limit(model) -> int | None:
+    """The sequence length from which the model's rotary embedding changes its frequencies, None where they
+    are fixed. "dynamic" scaling recomputes them from each forward's furthest position, "longrope" switches
+    to its long factors past the original context: both read the positions a forward is given, and MTP's
+    forwards reach past the sequence (mask tokens), so past this limit they would rotate differently."""
+    rotary = getattr(model.model, "rotary_emb", None)
+    rope_type = getattr(rotary, "rope_type", "default")
+    rope_types = list(rope_type.values()) if isinstance(rope_type, dict) else [rope_type]
+    if not any("dynamic" in name or name == "longrope" for name in rope_types):
+        return None
+    parameters = getattr(model.config, "rope_parameters", None) or {}
+    limits = [parameters.get("original_max_position_embeddings"), getattr(rotary, "original_max_seq_len", None),
+              getattr(model.config, "max_position_embeddings", None)]
+    return min(int(limit) for limit in limits if limit is not None)
 
 
 def mask_token_ids(model, num_masks: int | None = None) -> list[int]:

@@ -5,7 +5,8 @@
   this forward (`effective_gate`): every linear is exactly its base layer.
 - `GatedLoRALinear(base, rank, alpha, context)`: `base(x) + alpha / rank * gate * B(A(x))`. Weights use
   peft's names (`lora_A.weight` [r, in], `lora_B.weight` [out, r], B zero-initialised) so adapters save
-  and load in peft's layout. Its forward is the op `mtp_kernels.gated_lora_linear` (autograd included).
+  and load in peft's layout. Its forward is the op `mtp_kernels.gated_lora_linear` (autograd included),
+  except where the base is an `nn.Linear` subclass or a hook watches a layer: then the layers themselves.
 - `SamplerHead(hidden_size)`: `[embed(prev); z]` [N, 2d] -> Linear -> SiLU -> LayerNorm -> Linear -> SiLU
   -> LayerNorm -> [N, d] (with `residual`, z + a learned scale, from 0, times that); its output goes
   through the model's own LM head. `weights()` hands its tensors
@@ -20,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 import mtp_kernels
 from mtp_kernels.sampler import SamplerWeights, sampler_body
@@ -78,8 +80,21 @@ class GatedLoRALinear(nn.Module):
         gate = self.context.gate
         if gate is None:
             return self.base_layer(x)
+        if not self.runs_as_op():
+            # The base layer's own forward and hooks run, as in stock; the LoRA term goes on the gated rows.
+            base = self.base_layer(x)
+            return torch.where(gate[..., None], base + self.lora_B(self.lora_A(x)) * self.scaling, base)
         return mtp_kernels.gated_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
                                              self.lora_B.weight, self.scaling, gate)
+
+    def runs_as_op(self) -> bool:
+        """Whether the op computes exactly what calling the layers would: a plain `nn.Linear` base (a subclass
+        may quantise, observe or otherwise change its forward) and no hooks that the op would skip."""
+        layers = self._modules  # not nn.Module.__getattr__: this runs for every projection of every forward
+        base = layers["base_layer"]
+        if type(base) is not nn.Linear or _global_forward_hooks or _global_forward_pre_hooks:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in (base, layers["lora_A"], layers["lora_B"]))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"

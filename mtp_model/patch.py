@@ -11,7 +11,9 @@ live in the leaf module `model_helpers`.
 
 from __future__ import annotations
 
+import inspect
 import types
+from inspect import Parameter
 from pathlib import Path
 
 import torch
@@ -94,7 +96,7 @@ def patch(model, config: MTPConfig | None = None, adapter: str | Path | None = N
     from mtp_model.training import mtp_forward
 
     model.generate = types.MethodType(mtp_generate, model)
-    model.forward = types.MethodType(mtp_forward, model)
+    model.forward = types.MethodType(_under_stock_signature(mtp_forward, type(model).forward), model)
     try:
         if adapter is not None:
             adapter_io.load_weights(model, adapter)
@@ -104,6 +106,23 @@ def patch(model, config: MTPConfig | None = None, adapter: str | Path | None = N
         unpatch(model)  # a refused adapter leaves the model as it was
         raise
     return model
+
+
+def _under_stock_signature(function, stock_forward):
+    """`function(model, ...)` presented with stock forward's signature plus its own keyword-only options:
+    stock generate (through `inspect.signature(model.forward)`) infers an attention mask from padding and
+    builds position ids only for a forward that names them, and the HF Trainer keeps the dataset columns
+    that the signature names."""
+    def forward(model, *args, **kwargs):
+        return function(model, *args, **kwargs)
+
+    stock = list(inspect.signature(stock_forward).parameters.values())
+    own = [p for p in inspect.signature(function).parameters.values() if p.kind is Parameter.KEYWORD_ONLY]
+    var_keyword = [p for p in stock if p.kind is Parameter.VAR_KEYWORD]
+    named = [p for p in stock if p.kind is not Parameter.VAR_KEYWORD]
+    forward.__signature__ = inspect.Signature(named + own + var_keyword)
+    forward.__doc__ = function.__doc__
+    return forward
 
 
 def _finite_std(weight: torch.Tensor) -> float:

@@ -237,6 +237,29 @@ def test_sequences_past_a_sliding_window_go_to_stock_generate(family, options):
     assert torch.equal(out, past) and model.mtp_stats is None
 
 
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 4.0}, {"rope_type": "default"}])
+def test_a_rotary_embedding_that_scales_with_length_goes_to_stock_before_mtp_would_cross_its_limit(rope):
+    """Dynamic NTK scaling recomputes the frequencies from each forward's furthest position: MTP's forwards
+    reach 2k past the sequence, so near the limit they would rotate differently from stock's."""
+    options = {"max_position_embeddings": 32, "rope_parameters": {**rope, "rope_theta": 10000.0}}
+    model = tiny_model("llama", seed=14, **options)
+    ids, mask = left_padded_prompts([20, 12], model.config.vocab_size, seed=14)
+    within, near = stock_greedy(model, ids, mask, 5), stock_greedy(model, ids, mask, 11)
+    mtp_model.patch(model, mtp_model.MTPConfig(num_masks=3, lora_rank=4))
+    randomize_adapter(model, seed=14)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5)  # reaches 20 + 5 + 6 = 31
+    assert torch.equal(out, within) and model.mtp_stats is not None
+    model.mtp_stats = None
+    if rope["rope_type"] == "dynamic":
+        with pytest.warns(UserWarning, match="rotary embedding changes its frequencies from 32 positions"):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=11)  # 31 for stock, 37 for MTP
+        assert model.mtp_stats is None
+    else:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=11)
+        assert model.mtp_stats is not None
+    assert torch.equal(out, near)
+
+
 def test_models_without_a_sliding_window():
     assert sliding_window(patched("llama")) is None
     assert sliding_window(patched("qwen2")) is None  # use_sliding_window is off by default

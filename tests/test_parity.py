@@ -276,10 +276,11 @@ def test_hooks_mtp_would_bypass_hand_the_call_to_stock(where):
 
 class Record:
     def __init__(self):
-        self.calls = []
+        self.calls, self.dtypes = [], []
 
     def put(self, value):
         self.calls.append((tuple(value.shape), value.tolist()))
+        self.dtypes.append(value.dtype)
 
     def end(self):
         self.calls.append("end")
@@ -305,6 +306,78 @@ def test_a_text_streamer_at_batch_two_raises_like_stock():
     with pytest.raises(ValueError) as mtp_error:
         model.generate(ids, attention_mask=mask, max_new_tokens=4, streamer=TextStreamer(None))
     assert str(mtp_error.value) == str(stock_error.value)
+
+
+def test_the_streamer_gets_the_prompt_in_the_callers_dtype():
+    model = patched(seed=15)
+    ids, mask = left_padded_prompts([3, 5], model.config.vocab_size, seed=15)
+    expected, mtp = Record(), Record()
+    stock(model, ids.int(), attention_mask=mask, max_new_tokens=4, streamer=expected)
+    model.generate(ids.int(), attention_mask=mask, max_new_tokens=4, streamer=mtp)
+    assert mtp.calls == expected.calls and mtp.dtypes[0] == expected.dtypes[0] == torch.int32
+
+
+# --- the prompt's attention mask ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["mtp", "handed off"])
+def test_a_padded_prompt_without_a_mask_gets_stocks_inferred_mask(call):
+    """Stock generate takes the pad token's positions as padding when no attention_mask is given (the pad
+    token being no EOS); compared with the unpatched model, since the patched model's forward must still
+    show stock generate that it takes an attention mask."""
+    ids, mask = left_padded_prompts([3, 7], 96, seed=16)
+    assert bool((ids == PAD).any()) and PAD != EOS
+    extra = {"repetition_penalty": 1.1} if call == "handed off" else {}
+    unpatched = tiny_model(seed=16)
+    expected = stock(unpatched, ids, max_new_tokens=8, **extra)
+    assert torch.equal(expected, stock(unpatched, ids, attention_mask=mask, max_new_tokens=8, **extra))
+    model = mtp_model.patch(tiny_model(seed=16), mtp_model.MTPConfig(num_masks=3, lora_rank=4))
+    randomize_adapter(model, seed=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(model.generate(ids, max_new_tokens=8, **extra), expected)
+
+
+@pytest.mark.parametrize("values", ["bool", "times two", "float"])
+def test_any_nonzero_mask_value_attends_as_in_stock(values):
+    model = patched(seed=17)
+    ids, mask = left_padded_prompts([3, 7], model.config.vocab_size, seed=17)
+    given = {"bool": mask.bool(), "times two": mask * 2, "float": mask.float()}[values]
+    expected = stock(model, ids, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(stock(model, ids, attention_mask=given, max_new_tokens=8), expected)
+    assert torch.equal(no_warning_call(model.generate, ids, attention_mask=given, max_new_tokens=8), expected)
+
+
+# --- layers MTP must run as they are --------------------------------------------------------------------
+
+
+class RoundingLinear(torch.nn.Linear):
+    """An nn.Linear subclass with its own forward, as a fake-quantised or observed projection has."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, torch.round(self.weight * 8) / 8, self.bias)
+
+
+@pytest.mark.parametrize("change", ["a linear subclass", "a hook on the base layer"])
+def test_projections_with_their_own_forward_or_hooks_run_them(change):
+    """Stock runs a wrapped projection's own forward and hooks (set before patching, they sit on the
+    gated linear's base layer); MTP's forwards must too, with or without mask tokens."""
+    model = tiny_model(seed=18)
+    for layer in model.model.layers:
+        for owner, name in [(layer.self_attn, "q_proj"), (layer.mlp, "up_proj")]:
+            original = getattr(owner, name)
+            if change == "a linear subclass":
+                replacement = RoundingLinear(original.in_features, original.out_features, bias=False)
+                replacement.load_state_dict(original.state_dict())
+                setattr(owner, name, replacement)
+            else:
+                original.register_forward_hook(lambda module, inputs, output: output * 1.5 + 0.1)
+    ids, mask = left_padded_prompts([4, 7], model.config.vocab_size, seed=18)
+    expected = stock(model, ids, attention_mask=mask, max_new_tokens=10)
+    mtp_model.patch(model, mtp_model.MTPConfig(num_masks=3, lora_rank=4))
+    randomize_adapter(model, seed=18)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=10), expected)
+    assert model.mtp_stats is not None
 
 
 # --- derived state follows the weights ------------------------------------------------------------------

@@ -61,6 +61,25 @@ def save_adapter(model, path: str | Path) -> Path:
     return path
 
 
+ADAPTER_SUBDIR = "mtp_adapter"
+
+
+def save_pretrained(model, save_directory: str | Path, is_main_process: bool = True, state_dict: dict | None = None,
+                    **kwargs):
+    """A patched model's `save_pretrained`: stock's, of the base model in its stock layout (the projections'
+    weights under their own names, nothing of MTP), so `from_pretrained` loads it as the model it was; and
+    the adapter in `<save_directory>/mtp_adapter`, for `patch(model, adapter=...)`. Stock's other arguments
+    pass through; a given `state_dict` is saved as it is."""
+    if state_dict is None:
+        adapter = adapter_tensors(model)
+        state_dict = {name.replace(".base_layer.", "."): tensor for name, tensor in model.state_dict().items()
+                      if name not in adapter}
+    type(model).save_pretrained(model, save_directory, is_main_process=is_main_process, state_dict=state_dict,
+                                **kwargs)
+    if is_main_process:
+        save_adapter(model, Path(save_directory) / ADAPTER_SUBDIR)
+
+
 def check_finite(tensors: dict, owner: str) -> None:
     """Refuses adapter tensors holding a NaN or an infinity, naming the first such tensor: one such value in
     a LoRA factor or the sampler would spread to every token the adapter touches."""

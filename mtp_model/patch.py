@@ -1,10 +1,12 @@
 """`patch(model)` turns a stock Llama / Qwen2 / Qwen3 / Mistral causal LM into an MTP model, in place.
 
-It adds `model.mtp` (mask embeddings and sampler head), `model.mtp_config`, `model.mtp_gate` (the
-per-forward gate shared by every gated linear), wraps the target projections of every decoder layer in
-`GatedLoRALinear`, switches attention to the MTP-aware implementation and replaces `generate` with MTP
-decoding and `forward` with one that also computes the MTP training loss (`forward(mtp_batch=...)`, see
-`training.mtp_forward`). The base model's weights are untouched and frozen; `unpatch(model)` restores it exactly.
+It adds `model.mtp` (mask embeddings and sampler head), `model.mtp_config`, `model.mtp_gate` (the per-forward
+gate shared by every gated linear), wraps the target projections of every decoder layer in `GatedLoRALinear`,
+switches attention to the MTP-aware implementation and replaces `generate` with MTP decoding, `forward` with
+one that also computes the MTP training loss (`forward(mtp_batch=...)`, see `training.mtp_forward`) and
+`save_pretrained` with one that saves the base model in its stock layout and the adapter beside it
+(`adapter.save_pretrained`). The base model's weights are untouched and frozen; `unpatch(model)` restores it
+exactly.
 The helpers that decoding and training share with it (mask-token inputs, the gate, the sliding window)
 live in the leaf module `model_helpers`.
 """
@@ -96,6 +98,7 @@ def patch(model, config: MTPConfig | None = None, adapter: str | Path | None = N
     from mtp_model.training import mtp_forward
 
     model.generate = types.MethodType(mtp_generate, model)
+    model.save_pretrained = types.MethodType(adapter_io.save_pretrained, model)
     model.forward = types.MethodType(_under_stock_signature(mtp_forward, type(model).forward), model)
     try:
         if adapter is not None:
@@ -148,7 +151,7 @@ def unpatch(model):
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(model._mtp_original_requires_grad[name])
     for name in ("mtp_config", "mtp_gate", "mtp_stats", "_mtp_original_modules", "_mtp_original_attention",
-                 "_mtp_original_requires_grad", "generate", "forward"):  # the class's methods show through again
+                 "_mtp_original_requires_grad", "generate", "forward", "save_pretrained"):  # the class's methods show through again
         delattr(model, name)
     if hasattr(model, "_mtp_checkpoint_functions"):  # set by training.enable_gradient_checkpointing
         del model._mtp_checkpoint_functions

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from helpers import FAMILIES, left_padded_prompts, randomize_adapter, stock_greedy, tiny_model
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import mtp_model
 from mtp_model.modules import GatedLoRALinear
@@ -65,6 +65,24 @@ def test_unpatch_restores_the_model_exactly():
     assert all(p.requires_grad for p in model.parameters())
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False), expected)
     mtp_model.patch(model)  # and it can be patched again
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_pretrained_of_a_patched_model_writes_the_base_model_and_the_adapter_beside_it(tmp_path, tied):
+    """`from_pretrained` of what a patched model saves is the model before patching, key for key and bit for
+    bit (no base_layer names, nothing of MTP); its `mtp_adapter` folder patches it back to the same output."""
+    model = tiny_model("qwen2", seed=4, tie_word_embeddings=tied)
+    state = _state(model)
+    randomize_adapter(mtp_model.patch(model, mtp_model.MTPConfig(num_masks=3, lora_rank=4)), seed=4)
+    ids, mask = left_padded_prompts([4, 6], model.config.vocab_size, seed=4)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    restored = _state(loaded)
+    assert restored.keys() == state.keys() and all(torch.equal(restored[k], state[k]) for k in state)
+    mtp_model.patch(loaded, adapter=tmp_path / "mtp_adapter")
+    assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=8), expected)
+    assert mtp_model.unpatch(loaded).save_pretrained.__func__ is type(loaded).save_pretrained
 
 
 def test_adapter_round_trip(tmp_path):

@@ -24,6 +24,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 SHIPPED_DIR = Path(__file__).resolve().parent / "adapters"
+ADAPTER_SUBDIR = "mtp_adapter"  # where a patched model's save_pretrained puts its adapter
 
 
 def adapter_tensors(model) -> dict:
@@ -59,9 +60,6 @@ def save_adapter(model, path: str | Path) -> Path:
     tensors = {PEFT_PREFIX + name: t.detach().contiguous().cpu() for name, t in adapter_tensors(model).items()}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     return path
-
-
-ADAPTER_SUBDIR = "mtp_adapter"
 
 
 def save_pretrained(model, save_directory: str | Path, is_main_process: bool = True, state_dict: dict | None = None,

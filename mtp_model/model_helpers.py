@@ -1,6 +1,7 @@
-"""What patch, decoding, training and the adapter format share about a (patched) model: the supported
-families, the facts an adapter must match, the sliding window, the length past which the rotary embedding
-changes, and the mask-token inputs and gate of a forward. A leaf module: it imports nothing of the package, so nothing here forms an import cycle.
+"""What patch, decoding, training and the adapter format share about a (patched) model: the supported families,
+the facts an adapter must match, the sliding window, the length past which the rotary embedding changes, and
+the mask-token inputs and gate of a forward. A leaf module: it imports nothing of the package, so nothing here
+forms an import cycle.
 
 Mask tokens live outside the model's vocabulary: in the id tensors this package builds, mask i is
 `vocab_size + i`. `embed_tokens` embeds such ids; the gate of a forward is `ids >= vocab_size`.

@@ -94,7 +94,10 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
 def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, through oneDNN on a packed copy of `weight` where that applies."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if needs_grad or not trusted(weight) or x.dtype != weight.dtype or not packing_applies(x.device, x.dtype):
+    odd_bias = bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != x.dtype)
+    if needs_grad or odd_bias or not trusted(weight) or x.dtype != weight.dtype:
+        return F.linear(x, weight, bias)  # and F.linear's errors
+    if not packing_applies(x.device, x.dtype):
         return F.linear(x, weight, bias)
     if x.shape[-1] != weight.shape[1]:  # oneDNN's own message would not name the problem
         raise ValueError(f"x has {x.shape[-1]} features but the weight takes {weight.shape[1]}")
@@ -104,6 +107,7 @@ def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def linear_on_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`prepacked_linear` without its checks, for a caller that made them once for many products (a
     decoding forward: no autograd, CPU tensors of one dtype, `packing_applies`)."""
+    bias = None if bias is None else bias.contiguous()  # oneDNN reads the bias as contiguous, whatever its strides
     return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight), bias, "none", [], "")
 
 

@@ -52,7 +52,7 @@ def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], ob
     """`build()` (run without autograd) for these sources, from the cache when they have not changed; the
     caller checks `trusted(*sources)` first."""
     key = cache_key(kind, sources, *extra)
-    state = [(source.data_ptr(), source._version) for source in sources]
+    state = [_state(source) for source in sources]
     entry = _cache.get(key)
     # A present entry's sources are alive (freeing one drops the entry), so the ids in its key are theirs.
     if entry is None or entry[1] != state:
@@ -67,6 +67,12 @@ def derived(kind: str, sources: tuple[torch.Tensor, ...], build: Callable[[], ob
             entry = (references, state, {id(source) for source in sources}, build())
         _cache[key] = entry
     return entry[3]
+
+
+def _state(source: torch.Tensor) -> tuple[int, int]:
+    """(data pointer, version); an inference tensor has no version counter, and is `trusted` only inside
+    `refreshed()`, whose fingerprints see its edits."""
+    return source.data_ptr(), -1 if source.is_inference() else source._version
 
 
 @contextlib.contextmanager
@@ -84,8 +90,9 @@ def refreshed():
 def trusted(*tensors: torch.Tensor | None) -> bool:
     """Whether values derived from these tensors (None: absent) may be cached: each requires no grad, or
     this runs inside `refreshed()`. A trainable tensor may be written by an optimizer without a version bump
-    (fused AdamW, the HF Trainer's default) between any two lookups, where no check can see it."""
-    return _refreshed.get() or not any(t is not None and t.requires_grad for t in tensors)
+    (fused AdamW, the HF Trainer's default) between any two lookups, where no check can see it; an inference
+    tensor has no version to bump."""
+    return _refreshed.get() or not any(t is not None and (t.requires_grad or t.is_inference()) for t in tensors)
 
 
 def refresh() -> None:

@@ -8,7 +8,7 @@ In place: entry lengths[b] + keep[b, i] moves to slot lengths[b] + i, then lengt
 
 Runs the compiled extension (`torch.ops.mtp_kernels.kv_compact`: CPU parallel over rows and heads, one
 CUDA launch for all layers) when it is built, else `torch_ops.kv_compact`. Invalid input raises ValueError
-before any cache is written.
+before any cache is written, a cache listed twice (or expanded) included.
 """
 
 from __future__ import annotations
@@ -24,10 +24,17 @@ def _check_inputs(caches, lengths, keep, block_size):
         raise ValueError("kv_compact: caches is empty")
     first = caches[0]
     check_tensor("caches[0]", first, ndim=4)
+    seen = {}  # data pointer -> index: a cache listed twice (layers sharing one KV tensor) would move twice
     for index, cache in enumerate(caches):
         check_tensor(f"caches[{index}]", cache, ndim=4, dtypes=(first.dtype,), device=first.device)
         if cache.shape != first.shape:
             raise ValueError(f"caches[{index}] has shape {tuple(cache.shape)} but caches[0] has {tuple(first.shape)}")
+        if any(stride == 0 and size > 1 for size, stride in zip(cache.shape, cache.stride())):
+            raise ValueError(f"caches[{index}] is expanded (a stride of 0): its entries share memory")
+        if cache.data_ptr() in seen:
+            raise ValueError(f"caches[{index}] is the memory of caches[{seen[cache.data_ptr()]}]: list each "
+                             "cache once")
+        seen[cache.data_ptr()] = index
     B = first.shape[0]
     check_tensor("lengths", lengths, ndim=1, dtypes=(torch.int64,), device=first.device)
     check_tensor("keep", keep, ndim=2, dtypes=(torch.int64,), device=first.device)

@@ -47,6 +47,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph: the gradients were computed in forward, outside autograd
+            raise RuntimeError("linear_cross_entropy has no second derivative (its gradients are computed in its "
+                               "forward); compute the loss without create_graph=True")
         grad_hidden, grad_weight = ctx.saved_tensors
         return (None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype),
                 None if grad_weight is None else (grad_weight * grad_output).to(ctx.weight_dtype),
@@ -64,7 +67,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32), device=hidden.device)
     check_dim("labels", labels, 0, hidden.shape[0], "one label per row of hidden")
     if row_weights is None:
-        row_weights = torch.ones(labels.shape, dtype=torch.float32, device=hidden.device)
+        row_weights = torch.ones(labels.shape, dtype=torch.promote_types(hidden.dtype, torch.float32),
+                                 device=hidden.device)
     check_tensor("row_weights", row_weights, ndim=1, device=hidden.device)
     check_dim("row_weights", row_weights, 0, hidden.shape[0], "one weight per row of hidden")
     if chunk_rows is not None and chunk_rows < 1:
@@ -78,5 +82,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if not labels.numel() or float(total_weight) == 0.0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0
     chunk_rows = chunk_rows or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
-    normalised = (row_weights / total_weight).detach()
+    normalised = (row_weights.to(total_weight.dtype) / total_weight).detach()
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels.long(), normalised, chunk_rows)

@@ -57,8 +57,10 @@ class SamplingParams:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:  # NaN fails >= too
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
@@ -114,7 +116,8 @@ if backend.HAS_TRITON:
         split = tl.program_id(1)
         row_ok = rows < N
         best_key = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        best_index = tl.full([BLOCK_N], 2147483647, dtype=tl.int32)
+        # As torch.argmax: a row of -inf picks its first index (the split's, and the first split wins)...
+        best_index = tl.full([BLOCK_N], split * tiles_per_split * BLOCK_V, dtype=tl.int32)
         for tile in range(split * tiles_per_split, (split + 1) * tiles_per_split):
             vocab = tile * BLOCK_V + tl.arange(0, BLOCK_V)
             vocab_ok = vocab < V
@@ -124,7 +127,8 @@ if backend.HAS_TRITON:
                 noise = tl.load(noise_ptr + rows[:, None] * stride_nn + vocab[None, :],
                                 mask=row_ok[:, None] & vocab_ok[None, :], other=1.0)
                 keys = keys / temperature - tl.log(noise)  # torch_ops' exact operation order
-            keys = tl.where(vocab_ok[None, :], keys, float("-inf"))
+            # ... and a NaN counts as the largest value.
+            keys = tl.where(vocab_ok[None, :], tl.where(keys != keys, float("inf"), keys), float("-inf"))
             tile_key = tl.max(keys, axis=1)
             # Lowest index among the tile's maxima; a later tile wins only if strictly better.
             tile_index = tl.min(tl.where(keys == tile_key[:, None], vocab[None, :], 2147483647), axis=1)
@@ -329,7 +333,8 @@ def _choose(hidden, weight, temperature, top_k, top_p, noise, packed):
     top_p = top_p if top_p is not None and top_p < 1.0 else None
     greedy = not temperature
     filtered = not greedy and (top_k is not None or top_p is not None)  # greedy ignores the filters
-    if hidden.shape[0] and backend.use_triton(hidden):
+    # The kernels compute logits in fp32: fp64 takes the torch path, which keeps them in fp64.
+    if hidden.shape[0] and backend.use_triton(hidden) and hidden.dtype != torch.float64:
         hidden, weight = hidden.contiguous(), weight.contiguous()
         noise = None if greedy else noise.float().contiguous()
         if not filtered:
@@ -453,14 +458,15 @@ def _check_choice_inputs(hidden, weight, params, noise):
         return
     if noise is None:
         raise ValueError("noise (Exp(1) samples [N, V]) is required when sampling (temperature > 0)")
-    check_tensor("noise", noise, ndim=2, device=hidden.device)
+    check_tensor("noise", noise, ndim=2, dtypes=FLOAT_DTYPES, device=hidden.device)
     if tuple(noise.shape) != (hidden.shape[0], weight.shape[0]):
         raise ValueError(f"noise has shape {tuple(noise.shape)}; it must be ({hidden.shape[0]}, {weight.shape[0]})")
 
 
 def head_logits(hidden, weight):
-    """fp32 logits [..., V] of `hidden` [..., d] as `torch_ops.lm_head_logits` gives them (on the CPU, through
-    oneDNN on the packed head where `cpu_linear.packing_applies`: equal up to fp32 summation order)."""
+    """fp32 (fp64 for fp64 inputs) logits [..., V] of `hidden` [..., d] as `torch_ops.lm_head_logits` gives
+    them (on the CPU, through oneDNN on the packed head where `cpu_linear.packing_applies`: equal up to fp32
+    summation order)."""
     return _head_logits(hidden, weight, _packs(hidden, weight) and not (
         torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)))
 
@@ -497,10 +503,22 @@ def draft_chain(sampler: SamplerWeights, embed_weight, lm_weight, first_tokens, 
     if draft_tokens is not None and tuple(draft_tokens.shape) != (lm_weight.shape[0],):
         raise ValueError(f"draft_tokens has shape {tuple(draft_tokens.shape)}; lm_weight has {lm_weight.shape[0]} "
                          f"rows, one per draft token")
-    check_tensor("embed_weight", embed_weight, ndim=2, device=latents.device)
+    check_tensor("embed_weight", embed_weight, ndim=2, dtypes=FLOAT_DTYPES, device=latents.device)
+    check_tensor("sampler.input_weight", sampler.input_weight, ndim=2, dtypes=FLOAT_DTYPES, device=latents.device)
+    for name, tensor in sampler._asdict().items():  # one dtype and device for all the sampler's tensors
+        if name != "eps" and (tensor is not None or name == "hidden_weight"):
+            check_tensor(f"sampler.{name}", tensor, dtypes=(sampler.input_weight.dtype,), device=latents.device)
     if sampler.input_weight.shape[1] != 2 * d or embed_weight.shape[1] != d:
         raise ValueError(f"the sampler's input layer takes {sampler.input_weight.shape[1]} features; it needs "
                          f"[embedding; latent] = {embed_weight.shape[1]} + {d}")
+    if draft_tokens is not None:
+        check_tensor("draft_tokens", draft_tokens, dtypes=(torch.int32, torch.int64), device=latents.device)
+    # Eager on the CPU only: reading the ids would sync a GPU, and a compiled graph cannot branch on them.
+    checkable = not latents.is_cuda and B and not torch.compiler.is_compiling()
+    if checkable and (int(first_tokens.min()) < 0 or int(first_tokens.max()) >= embed_weight.shape[0]):
+        raise ValueError(f"first_tokens holds ids outside the vocabulary [0, {embed_weight.shape[0]})")
+    if k == 0:
+        return torch.empty(B, 0, dtype=torch.long, device=latents.device)
     _check_choice_inputs(latents[:, 0], lm_weight, params, None if noise is None else noise[:, 0])
     noise = None if params.greedy else noise
     if backend.eager(latents):
@@ -532,6 +550,9 @@ def accept_sampling(logits, drafts, params: SamplingParams, uniform, noise):
     check_tensor("logits", logits, ndim=3, dtypes=FLOAT_DTYPES)
     _check_drafts(drafts, logits.shape[1], "logits")
     B, K1, V = logits.shape
+    check_tensor("uniform", uniform, dtypes=FLOAT_DTYPES, device=logits.device)
+    check_tensor("noise", noise, dtypes=FLOAT_DTYPES, device=logits.device)
+    check_tensor("drafts", drafts, device=logits.device)
     if drafts.shape[0] != B or tuple(uniform.shape) != (B, K1 - 1) or tuple(noise.shape) != (B, K1, V):
         raise ValueError(
             f"shapes disagree: logits {tuple(logits.shape)}, drafts {tuple(drafts.shape)} (want [{B}, {K1 - 1}]), "

@@ -87,7 +87,10 @@ def tree_attention_allowed(lengths, block_mask, num_slots, starts=None):
 
 
 def lm_head_logits(hidden, weight):
-    """fp32 logits rounded to the hidden states' dtype, as `F.linear` in that dtype would return them."""
+    """fp32 logits rounded to the hidden states' dtype, as `F.linear` in that dtype would return them (fp64
+    logits for fp64 inputs)."""
+    if hidden.dtype == torch.float64:
+        return hidden @ weight.to(torch.float64).t()
     if hidden.dtype in (torch.float16, torch.bfloat16):
         # F.linear itself (fp32 accumulation, one rounding): an fp32 copy of the whole LM head per call
         # would cost more than the product.
@@ -149,7 +152,7 @@ def accept_greedy(drafts, targets):
     and the next token targets[:, a] (the bonus, always correct). A draft of -1 means "no draft" and is
     never accepted.
     """
-    matches = (drafts == targets[:, :-1]).long()
+    matches = ((drafts == targets[:, :-1]) & (drafts >= 0)).long()
     accepted = matches.cumprod(dim=1).sum(dim=1)
     next_token = targets.gather(1, accepted[:, None]).squeeze(1)
     return accepted, next_token

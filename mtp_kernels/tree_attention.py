@@ -190,7 +190,7 @@ def _check_inputs(q, k, v, lengths, block_mask, starts):
         raise ValueError(f"k has shape {tuple(k.shape)} but v has {tuple(v.shape)}")
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k has shape {tuple(k.shape)}; batch and head dim must match q {tuple(q.shape)}")
-    if Hq % k.shape[1] != 0:
+    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
         raise ValueError(f"q has {Hq} heads, not a multiple of k's {k.shape[1]} KV heads")
     check_tensor("lengths", lengths, ndim=1, dtypes=INDEX_DTYPES, device=device)
     if lengths.shape[0] != B:
@@ -204,8 +204,13 @@ def _check_inputs(q, k, v, lengths, block_mask, starts):
             raise ValueError(f"starts has {starts.shape[0]} entries for a batch of {B}")
     # Reading lengths would sync a GPU on every layer of every step, and a compiled graph cannot branch on
     # it; in eager on the CPU it is free, so check there.
-    if not q.is_cuda and B and not torch.compiler.is_compiling() and int(lengths.max()) + T > k.shape[2]:
+    if q.is_cuda or not B or torch.compiler.is_compiling():
+        return
+    if int(lengths.max()) + T > k.shape[2]:
         raise ValueError(f"lengths + T = {int(lengths.max()) + T} exceeds the cache's {k.shape[2]} slots")
+    for name, values in (("lengths", lengths), ("starts", starts)):
+        if values is not None and int(values.min()) < 0:
+            raise ValueError(f"{name} holds a negative entry ({int(values.min())})")
 
 
 class _VisibilityMemo:
@@ -311,7 +316,10 @@ def _block_sizes(rows: int, head_dim: int, on_cuda: bool, wide: bool) -> tuple[i
 def _attention(q, k, v, lengths, block_mask, scale, starts):
     """The op on checked inputs: Triton on CUDA (and in the interpreter), SDPA on the CPU."""
     B, Hq, T, D = q.shape
-    if not backend.use_triton(q):
+    if q.numel() == 0:
+        return torch.empty_like(q)
+    # The kernel accumulates in fp32: fp64 takes the dense path, which computes in fp64.
+    if not backend.use_triton(q) or q.dtype == torch.float64:
         return _dense_attention(q, k, v, lengths, block_mask, scale, starts)
     Hkv = k.shape[1]
     group = Hq // Hkv
@@ -329,7 +337,7 @@ def _attention(q, k, v, lengths, block_mask, scale, starts):
     else:
         part_max = part_sum = part_acc = out  # not read
     _tree_attention_kernel[(row_blocks, B * Hkv, num_splits)](
-        q, k, v, out, lengths, starts, block_mask.to(torch.int8),
+        q, k, v, out, lengths.contiguous(), starts.contiguous(), block_mask.to(torch.int8).contiguous(),
         part_acc, part_max, part_sum,
         B, T, D, scale * 1.4426950408889634, split_size,  # exp2 instead of exp: fold log2(e) into the scale
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],

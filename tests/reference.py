@@ -105,11 +105,12 @@ def choose_tokens(hidden, weight, temperature=0.0, top_k=None, top_p=None, noise
 
 
 def accept_greedy(drafts, targets):
-    """Per row: a = the number of leading drafts equal to the verifier's tokens; next token targets[a]."""
+    """Per row: a = the number of leading drafts (a draft of -1: none) equal to the verifier's tokens; next
+    token targets[a]."""
     accepted, next_tokens = [], []
     for b in range(drafts.shape[0]):
         a = 0
-        while a < drafts.shape[1] and int(drafts[b, a]) == int(targets[b, a]):
+        while a < drafts.shape[1] and int(drafts[b, a]) >= 0 and int(drafts[b, a]) == int(targets[b, a]):
             a += 1
         accepted.append(a)
         next_tokens.append(int(targets[b, a]))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mtp_kernels
 import mtp_model
 from mtp_model import modules, step_forward
 from mtp_kernels import backend, cpu_linear, derived
@@ -32,6 +33,31 @@ def test_matches_a_float64_product(lead, with_bias):
         out = prepacked_linear(x, weight, bias)
     assert out.shape == (*lead, 53) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), fp64_linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_a_strided_bias_is_read_by_its_strides():
+    x, weight, bias = torch.randn(5, 12), torch.randn(11, 12), torch.randn(22)[::2]
+    with torch.no_grad():
+        torch.testing.assert_close(prepacked_linear(x, weight, bias).double(), fp64_linear(x, weight, bias),
+                                   rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("called", ["inside inference_mode", "outside"])
+def test_weights_made_in_inference_mode(called):
+    """Inference tensors have no version counter: the packed path must still take them, F.linear's result."""
+    with torch.inference_mode():
+        x, weight, bias = torch.randn(5, 12), torch.randn(11, 12), torch.randn(11)
+        lora_a, lora_b = torch.randn(4, 12), torch.randn(11, 4)
+    gate = torch.tensor([False, True, False, True, True])
+    context = torch.inference_mode() if called == "inside inference_mode" else torch.no_grad()
+    with context:
+        out = prepacked_linear(x, weight, bias)
+        gated = mtp_kernels.gated_lora_linear(x, weight, bias, lora_a, lora_b, 2.0, gate)
+        chosen = mtp_kernels.choose_tokens(x, weight)
+    torch.testing.assert_close(out.double(), fp64_linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gated.double(), fp64_gated_lora(x, weight, bias, lora_a, lora_b, 2.0, gate),
+                               rtol=1e-5, atol=1e-4)
+    assert torch.equal(chosen, fp64_linear(x, weight, None).argmax(-1))
 
 
 def test_takes_strided_inputs():

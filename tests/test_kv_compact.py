@@ -86,6 +86,8 @@ def test_quadratic_step_keeps_anchor_and_accepted_drafts(compact_path):
         (lambda c, l, k: (c, l.int(), k), "lengths"),
         (lambda c, l, k: (c, l, k[:2]), "rows|keep"),
         (lambda c, l, k: ([], l, k), "empty"),
+        (lambda c, l, k: (c + [c[2]], l, k), r"caches\[6\] is the memory of caches\[2\]"),
+        (lambda c, l, k: (c + [c[0][:, :1].expand(3, 2, 40, 24)], l, k), "expanded"),
     ],
 )
 def test_bad_input_raises_before_writing(compact_path, mutate, message):

@@ -30,6 +30,19 @@ def test_loss_and_gradients_match_the_fp64_reference(N, d, V, chunk_rows):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
+def test_float64_without_row_weights_is_float64_exact():
+    hidden, weight, labels, _ = inputs(30, 16, 77, torch.float64, seed=5)
+    ours = linear_cross_entropy(hidden, weight, labels)
+    want = reference.linear_cross_entropy(hidden, weight, labels, torch.ones(30, dtype=torch.float64))
+    torch.testing.assert_close(ours, want, rtol=1e-13, atol=1e-13)
+
+
+def test_a_second_derivative_is_refused_not_dropped():
+    hidden, weight, labels, row_weights = inputs(10, 8, 20, torch.float64, seed=6)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(linear_cross_entropy(hidden, weight, labels, row_weights), hidden, create_graph=True)
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_narrow_dtypes_stay_close_to_fp64(dtype, tolerance):
     hidden, weight, labels, row_weights = inputs(40, 32, 500, dtype, seed=3)

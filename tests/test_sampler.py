@@ -231,12 +231,43 @@ def test_sampler_head_computes_what_its_mlp_does():
     assert torch.equal(head(features), head.mlp(features))
 
 
+@pytest.mark.parametrize("case", ["all NaN", "all -inf", "one NaN in a later tile"])
+def test_rows_without_a_finite_maximum_choose_as_torch_argmax_does(kernel_mode, case):
+    """All -inf logits (an fp16 overflow) pick the first token, a NaN counts as the largest: never an id
+    outside the vocabulary."""
+    hidden, weight = head(3, 300, 16, torch.float32, seed=3)
+    weight[:, 0] = weight[:, 0].abs() + 0.1
+    if case == "all NaN":
+        hidden[1] = float("nan")
+    elif case == "all -inf":
+        hidden[1] = 0.0
+        hidden[1, 0] = float("-inf")  # times a positive column: every logit -inf
+    else:
+        weight[250, 3] = float("nan")  # token 250's logit is NaN in every row
+    logits = hidden @ weight.t()
+    assert mtp_kernels.choose_tokens(hidden, weight).tolist() == logits.argmax(-1).tolist()
+    noise = exp_noise(3, 300, seed=3)
+    assert mtp_kernels.choose_tokens(hidden, weight, SamplingParams(1.0), noise).tolist() == (
+        (logits - noise.log()).argmax(-1).tolist())
+
+
+def test_float64_logits_choose_in_float64(kernel_mode):
+    hidden = torch.tensor([[1.0, 1e-9]], dtype=torch.float64)
+    weight = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)  # logits 1 and 1 + 1e-9: fp32 ties them
+    assert mtp_kernels.choose_tokens(hidden, weight).tolist() == [1]
+
+
+def test_draft_chain_of_no_steps_is_empty(kernel_mode):
+    sampler, embed, lm, first, latents = draft_chain_inputs(V=50, d=16, B=3, k=0, seed=0)
+    assert mtp_kernels.draft_chain(sampler, embed, lm, first, latents).shape == (3, 0)
+
+
 def test_accept_greedy_is_a_prefix_not_a_count():
-    drafts = torch.tensor([[4, 5, 6], [4, 9, 6], [7, 5, 6], [4, 5, 6], [-1, -1, -1]])
-    targets = torch.tensor([[4, 5, 6, 8], [4, 5, 6, 8], [4, 5, 6, 8], [4, 5, 1, 8], [4, 5, 6, 8]])
+    drafts = torch.tensor([[4, 5, 6], [4, 9, 6], [7, 5, 6], [4, 5, 6], [-1, -1, -1], [-1, -1, -1]])
+    targets = torch.tensor([[4, 5, 6, 8], [4, 5, 6, 8], [4, 5, 6, 8], [4, 5, 1, 8], [4, 5, 6, 8], [-1, -1, 2, 3]])
     accepted, next_token = mtp_kernels.accept_greedy(drafts, targets)
-    assert accepted.tolist() == [3, 1, 0, 2, 0]  # row 2 matches later drafts but not the first
-    assert next_token.tolist() == [8, 5, 4, 1, 4]
+    assert accepted.tolist() == [3, 1, 0, 2, 0, 0]  # row 2 matches later drafts but not the first; -1 is no draft
+    assert next_token.tolist() == [8, 5, 4, 1, 4, -1]
 
 
 def _chi_square(samples, probs):
@@ -307,6 +338,12 @@ def test_acceptance_rule_is_exact_against_the_reference():
         (lambda: mtp_kernels.accept_greedy(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)), "one more"),
         (lambda: mtp_kernels.accept_sampling(torch.zeros(2, 4, 5), torch.zeros(2, 3, dtype=torch.long), SamplingParams(), torch.zeros(2, 3), torch.ones(2, 4, 5)), "temperature"),
         (lambda: mtp_kernels.accept_sampling(torch.zeros(2, 4, 5), torch.zeros(2, 3, dtype=torch.long), SamplingParams(1.0), torch.zeros(2, 2), torch.ones(2, 4, 5)), "uniform"),
+        (lambda: SamplingParams(float("nan")), "temperature"),
+        (lambda: SamplingParams(0.5, top_k=2.5), "top_k must be an integer"),
+        (lambda: mtp_kernels.choose_tokens(torch.zeros(2, 8), torch.zeros(5, 8), SamplingParams(1.0), torch.ones(2, 5, dtype=torch.long)), "noise has dtype"),
+        (lambda: mtp_kernels.accept_sampling(torch.zeros(2, 4, 5), torch.zeros(2, 3, dtype=torch.long), SamplingParams(1.0), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4, 5)), "uniform has dtype"),
+        (lambda: mtp_kernels.draft_chain(*draft_chain_inputs(V=50, d=16, B=3, k=2, seed=0)[:3], torch.tensor([0, -1, 3]), torch.randn(3, 2, 16)), "first_tokens holds ids outside"),
+        (lambda: mtp_kernels.draft_chain(draft_chain_inputs(V=50, d=16, B=3, k=2, seed=0)[0]._replace(hidden_weight=torch.zeros(16, 16, device="meta")), *draft_chain_inputs(V=50, d=16, B=3, k=2, seed=0)[1:]), "sampler.hidden_weight is on meta"),
     ],
 )
 def test_bad_input(call, message):

@@ -119,6 +119,33 @@ def test_prefix_split_across_programs(monkeypatch, T):
         assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
+def test_inputs_in_any_layout(kernel_mode):
+    """A transposed block mask and lengths / starts that are columns of a table: the kernel must read
+    their values, not assume contiguous memory."""
+    q, k, v, lengths, starts = random_inputs(3, 4, 2, 9, 32, 40, torch.float32, seed=21)
+    block_mask = (torch.rand(9, 9, generator=torch.Generator().manual_seed(21)) > 0.4).t()
+    table = torch.stack([lengths, starts], dim=1)
+    out = mtp_kernels.tree_attention(q, k, v, table[:, 0], block_mask, None, table[:, 1])
+    check_close(out, q, k, v, lengths, block_mask.contiguous(), starts)
+
+
+def test_float64_is_computed_in_float64(kernel_mode):
+    q, k, v, lengths, starts = random_inputs(2, 4, 2, 5, 32, 30, torch.float64, seed=22)
+    block_mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    out = mtp_kernels.tree_attention(q, k, v, lengths, block_mask, None, starts)
+    exact = reference.tree_attention(q, k, v, lengths, block_mask, None, starts)
+    torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("empty", ["batch", "queries", "heads"])
+def test_empty_inputs_give_empty_outputs(kernel_mode, empty):
+    B, Hq, T = {"batch": (0, 4, 3), "queries": (2, 4, 0), "heads": (2, 0, 3)}[empty]
+    q = torch.randn(B, Hq, T, 16)
+    kv = torch.randn(B, 2, 12, 16)
+    out = mtp_kernels.tree_attention(q, kv, kv, torch.zeros(B, dtype=torch.long), torch.ones(T, T, dtype=torch.bool))
+    assert out.shape == q.shape
+
+
 def test_split_plan():
     plan = tree_attention_module._split_plan
     assert plan(8, 32768, 64) == (32, 1024)  # Llama-3-8B decoding at batch 1: 8 programs, a 32k cache
@@ -196,6 +223,9 @@ def test_quadratic_mask_rule():
         ({"lengths": torch.tensor([0])}, "lengths"),
         ({"lengths": torch.tensor([0, 9])}, "exceeds"),
         ({"starts": torch.tensor([0.0, 1.0])}, "starts"),
+        ({"lengths": torch.tensor([-1, 3])}, "negative"),
+        ({"starts": torch.tensor([0, -2])}, "negative"),
+        ({"k": torch.zeros(2, 0, 12, 64), "v": torch.zeros(2, 0, 12, 64)}, "KV heads"),
     ],
 )
 def test_bad_input(change, message):

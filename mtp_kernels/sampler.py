@@ -316,8 +316,9 @@ def sampler_body(hidden, latent, weights: SamplerWeights):
 
 
 def _packs(hidden, weight) -> bool:
-    """Whether this call's LM-head products run through oneDNN on the packed head (see cpu_linear)."""
-    return hidden.dtype == weight.dtype and packing_applies(hidden.device, hidden.dtype)
+    """Whether this call's LM-head products run through oneDNN on the packed head (see cpu_linear): a head
+    whose packed copy may be kept (`derived.trusted`)."""
+    return hidden.dtype == weight.dtype and trusted(weight) and packing_applies(hidden.device, hidden.dtype)
 
 
 def _head_logits(hidden, weight, packed: bool):

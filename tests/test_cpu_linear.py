@@ -58,6 +58,11 @@ def test_weights_made_in_inference_mode(called):
     torch.testing.assert_close(gated.double(), fp64_gated_lora(x, weight, bias, lora_a, lora_b, 2.0, gate),
                                rtol=1e-5, atol=1e-4)
     assert torch.equal(chosen, fp64_linear(x, weight, None).argmax(-1))
+    with torch.inference_mode():
+        weight.neg_()  # in place, and an inference tensor bumps no version: no packed copy may be stale
+        torch.testing.assert_close(prepacked_linear(x, weight, bias).double(), fp64_linear(x, weight, bias),
+                                   rtol=1e-5, atol=1e-4)
+        assert torch.equal(mtp_kernels.choose_tokens(x, weight), fp64_linear(x, weight, None).argmax(-1))
 
 
 def test_takes_strided_inputs():

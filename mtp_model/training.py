@@ -294,6 +294,9 @@ class MTPTrainer(Trainer):
 
     def __init__(self, *args, loss_weights: LossWeights | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # compute_loss returns each micro-batch's mean: the Trainer must divide it by the accumulation steps
+        # (it would not for a model it takes to normalise by num_items_in_batch, as a forward with **kwargs).
+        self.model_accepts_loss_kwargs = False
         # The Trainer would enable transformers' checkpointing, which recomputes layers without the gate.
         flags = [name for name in ("activation_checkpointing", "gradient_checkpointing") if getattr(self.args, name, False)]
         if flags:
@@ -310,10 +313,11 @@ class MTPTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, terms = model(mtp_batch=inputs, loss_weights=self.loss_weights)  # through DDP / FSDP wrappers
-        for name, value in terms.items():
-            self._term_sums[name] = self._term_sums.get(name, 0.0) + value
-        self._term_count += 1
-        self._layout_tokens += int(inputs["valid"].sum())
+        if model.training:  # the training log's terms: evaluation batches have their own log
+            for name, value in terms.items():
+                self._term_sums[name] = self._term_sums.get(name, 0.0) + value
+            self._term_count += 1
+            self._layout_tokens += int(inputs["valid"].sum())
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs):

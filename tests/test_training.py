@@ -182,6 +182,28 @@ def test_loss_falls_and_logs_each_term(tmp_path):
     assert logged[0]["layout_tokens_per_second"] > 0 and logged[0]["peak_rss_gib"] > 0
 
 
+def test_gradient_accumulation_is_a_larger_batch(tmp_path):
+    """Two micro-batches of 4 accumulated take the step one batch of 8 takes (plain SGD, no clipping): the
+    Trainer divides each micro-batch's mean loss by the accumulation steps."""
+    examples = counting_examples(8, 40, seed=7)
+    trained = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        model = mtp_model.patch(tiny_model(seed=7, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+        start = model.mtp.sampler.mlp[0].weight.detach().clone()
+        _train(model, examples, tmp_path / str(batch), steps=1, lr=1e-2, per_device_train_batch_size=batch,
+               gradient_accumulation_steps=accumulation, optim="sgd", max_grad_norm=1e9,
+               lr_scheduler_type="constant")
+        trained.append(model.mtp.sampler.mlp[0].weight.detach() - start)
+    torch.testing.assert_close(trained[1], trained[0], rtol=0.05, atol=1e-6)
+
+
+def test_evaluation_batches_stay_out_of_the_training_log(tmp_path):
+    model = mtp_model.patch(tiny_model(seed=8, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+    trainer = _train(model, counting_examples(16, 40, seed=8), tmp_path, steps=1)
+    trainer.evaluate(counting_examples(24, 40, seed=9))
+    assert trainer._term_count == 0 and not trainer._term_sums
+
+
 def test_checkpoint_holds_a_loadable_adapter(tmp_path):
     model = mtp_model.patch(tiny_model(seed=4, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
     trainer = _train(model, counting_examples(16, 40, seed=4), tmp_path, steps=2)

@@ -124,7 +124,7 @@ def set_generation_defaults(path: str | Path, num_masks: int, decoding: str) -> 
     at `path` (the weights are untouched), e.g. to the fastest configuration `mtp eval` measured."""
     config = load_config(path)  # refuses a directory that holds no MTP adapter
     config = MTPConfig.from_dict(config.to_dict() | {"generate_num_masks": num_masks, "decoding": decoding})
-    config_file = Path(path) / CONFIG_FILE
+    config_file = resolve(path) / CONFIG_FILE
     data = json.loads(config_file.read_text()) | {"mtp": config.to_dict()}
     config_file.write_text(json.dumps(data, indent=2) + "\n")
     return config

@@ -63,13 +63,16 @@ def gguf_architecture(path: str | Path) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Writes a float32 HF model directory (config, safetensors, tokenizer) from a GGUF file, atomically:
-    `out_dir` appears complete or not at all."""
+    `out_dir` appears complete or not at all. An existing non-empty `out_dir` is refused unless `overwrite`
+    (then replaced whole)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
+        raise ValueError(f"{out_dir} exists and is not empty; choose another directory or overwrite it")
     architecture = gguf_architecture(gguf_path)
     if _GGUF_ARCHITECTURES.get(architecture) not in SUPPORTED_FAMILIES:
         raise ValueError(f"{gguf_path}: architecture {architecture!r} is not one mtp supports "
@@ -122,7 +125,7 @@ def model_directory(name_or_path: str | Path) -> Path:
         return path
     out_dir = cache_root() / "models" / str(name_or_path)
     if not (out_dir / "config.json").is_file():
-        convert_gguf(known_gguf(str(name_or_path)), out_dir)
+        convert_gguf(known_gguf(str(name_or_path)), out_dir, overwrite=True)  # the cache's own directory
     return out_dir
 
 
@@ -148,9 +151,10 @@ def convert_main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="mtp convert-gguf", description="Convert a GGUF checkpoint of a Llama, "
                                      "Qwen2, Qwen3 or Mistral model to a float32 Hugging Face directory.")
     parser.add_argument("gguf", type=Path, help="the .gguf file")
-    parser.add_argument("out", type=Path, help="the directory to write")
+    parser.add_argument("out", type=Path, help="the directory to write (new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT, whatever it holds")
     args = parser.parse_args(argv)
-    print(f"mtp convert-gguf: wrote {convert_gguf(args.gguf, args.out)}")
+    print(f"mtp convert-gguf: wrote {convert_gguf(args.gguf, args.out, args.overwrite)}")
     return 0
 
 

@@ -88,3 +88,24 @@ def test_every_recipe_is_for_a_known_model_and_commands_fail_in_one_line(capsys)
             main(argv)
         assert stopped.value.code == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1, argv
+
+
+def test_converting_into_an_occupied_directory_is_refused_before_anything_is_read(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        checkpoints.convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"
+
+
+def test_generation_defaults_are_set_on_an_adapter_found_by_name(tmp_path, monkeypatch):
+    import mtp_model
+    from helpers import tiny_model
+    from mtp_model import adapter
+
+    model = mtp_model.patch(tiny_model(), mtp_model.MTPConfig(num_masks=3, lora_rank=4))
+    mtp_model.save_adapter(model, tmp_path / "shipped" / "tiny-adapter")
+    monkeypatch.setattr(adapter, "SHIPPED_DIR", tmp_path / "shipped")
+    mtp_model.set_generation_defaults("tiny-adapter", 2, "linear")
+    saved = adapter.load_config("tiny-adapter")
+    assert (saved.generate_num_masks, saved.decoding) == (2, "linear")

@@ -24,7 +24,10 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 SHIPPED_DIR = Path(__file__).resolve().parent / "adapters"
-ADAPTER_SUBDIR = "mtp_adapter"  # where a patched model's save_pretrained puts its adapter
+ADAPTER_SUBDIR = "mtp_adapter"
+# What an adapter's config must state (`load_config`), and the base-model facts an adapter must match.
+REQUIRED_FIELDS = ("num_masks", "lora_rank", "lora_alpha", "target_modules", "base_model")
+FITTING_FACTS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")  # where a patched model's save_pretrained puts its adapter
 
 
 def adapter_tensors(model) -> dict:
@@ -113,10 +116,22 @@ def load_config(path: str | Path) -> MTPConfig:
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise ValueError(f"{path} is not an MTP adapter: {CONFIG_FILE} is missing")
-    data = json.loads(config_file.read_text())
-    if "mtp" not in data:
+    try:
+        data = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error})") from None
+    if not isinstance(data, dict) or "mtp" not in data:
         raise ValueError(f"{config_file} is a plain peft adapter without an 'mtp' entry, not an MTP adapter")
-    return MTPConfig.from_dict(data["mtp"])
+    saved = data["mtp"]
+    # A missing field would silently take its default (a LoRA scaled by another alpha, an adapter that
+    # fits any model): the ones every saved adapter has must be there. Newer optional fields may be absent.
+    missing = [name for name in REQUIRED_FIELDS if not isinstance(saved, dict) or name not in saved]
+    if missing:
+        raise ValueError(f"{config_file}: the 'mtp' entry lacks {', '.join(missing)}")
+    base = saved["base_model"]
+    if not isinstance(base, dict) or any(key not in base for key in FITTING_FACTS):
+        raise ValueError(f"{config_file}: 'base_model' must give the base model's {', '.join(FITTING_FACTS)}")
+    return MTPConfig.from_dict(saved)
 
 
 def set_generation_defaults(path: str | Path, num_masks: int, decoding: str) -> MTPConfig:
@@ -136,7 +151,7 @@ def check_fits(config: MTPConfig, model) -> None:
     expected, actual = config.base_model, describe_model(model)
     differences = [
         f"{key}: adapter {expected[key]!r}, model {actual[key]!r}"
-        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+        for key in FITTING_FACTS
         if key in expected and expected[key] != actual[key]
     ]
     if differences:
@@ -191,7 +206,13 @@ def warm_start(model, path: str | Path) -> list[str]:
 
 def _read_tensors(path: str | Path) -> dict:
     """The adapter's tensors at `path` by state-dict name (peft's prefix removed), refused when not finite."""
-    saved = load_file(str(resolve(path) / WEIGHTS_FILE))
+    weights_file = resolve(path) / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise ValueError(f"{weights_file} is missing")
+    try:
+        saved = load_file(str(weights_file))
+    except Exception as error:  # safetensors' own error type, for a truncated or foreign file
+        raise ValueError(f"{weights_file} is not a readable safetensors file ({error})") from None
     tensors = {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in saved.items()}
     check_finite(tensors, f"the adapter at {path}")
     return tensors

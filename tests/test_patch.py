@@ -130,6 +130,33 @@ def test_adapter_that_does_not_fit_is_refused(tmp_path, change, message):
         mtp_model.patch(tiny_model(family, **change), adapter=tmp_path)
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda data: data["mtp"].pop("lora_alpha"), "lacks lora_alpha"),
+    (lambda data: data["mtp"].pop("base_model"), "lacks base_model"),
+    (lambda data: data["mtp"].__setitem__("base_model", "llama"), "'base_model' must give"),
+    (lambda data: data.__setitem__("mtp", None), "lacks num_masks"),
+    ("{not json", "not valid JSON"),
+    ("weights: truncated", "not a readable safetensors file"),
+    ("weights: missing", "adapter_model.safetensors is missing"),
+])
+def test_a_hand_edited_adapter_is_refused_by_name(tmp_path, edit, message):
+    """A missing field would load with its default (another LoRA scale, an adapter that fits any model)."""
+    mtp_model.save_adapter(randomize_adapter(mtp_model.patch(tiny_model())), tmp_path)
+    config_file, weights_file = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
+    if edit == "weights: truncated":
+        weights_file.write_bytes(weights_file.read_bytes()[:100])
+    elif edit == "weights: missing":
+        weights_file.unlink()
+    elif isinstance(edit, str):
+        config_file.write_text(edit)
+    else:
+        data = json.loads(config_file.read_text())
+        edit(data)
+        config_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        mtp_model.patch(tiny_model(), adapter=tmp_path)
+
+
 def test_refuses_unsupported_twice_patched_meta_and_non_adapters(tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="supports llama"):

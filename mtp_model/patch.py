@@ -154,6 +154,11 @@ def unpatch(model):
                  "_mtp_original_requires_grad", "generate", "forward", "save_pretrained"):  # the class's methods show through again
         delattr(model, name)
     if hasattr(model, "_mtp_checkpoint_functions"):  # set by training.enable_gradient_checkpointing
+        # Its checkpoints restore the gate of a patched model: the stock model must not keep them.
+        if hasattr(model, "activation_checkpointing_disable"):  # the name in newer transformers
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
         del model._mtp_checkpoint_functions
     model.__dict__.pop("mtp_compiled_step", None)  # set by compile_step
     return model

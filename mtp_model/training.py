@@ -40,7 +40,7 @@ from mtp_kernels.linear_cross_entropy import linear_cross_entropy
 from mtp_model.adapter import load_weights, save_adapter
 from mtp_model.attention import PREFIX
 from mtp_model.layout import may_attend, training_layout
-from mtp_model.model_helpers import embed_tokens, gate_context, sliding_window
+from mtp_model.model_helpers import embed_tokens, gate_context, rope_length_limit, sliding_window
 from mtp_model.training_attention import TrainingGrid
 
 IGNORE_INDEX = -100
@@ -192,6 +192,13 @@ def _check_window(model, positions: torch.Tensor) -> None:
         raise ValueError(f"this model attends within a sliding window of {window} tokens, which MTP training "
                          f"does not implement; this batch spans {int(positions.max()) + 1} positions (masks "
                          f"included): train on shorter sequences (mtp train --max-length)")
+    limit = rope_length_limit(model)
+    # The layout's positions run past the sequence (its masks); a rotary embedding that rescales with the
+    # furthest position would rotate the regular tokens differently from the model's own forward.
+    if limit is not None and positions.numel() and int(positions.max()) + 1 >= limit:
+        raise ValueError(f"this model's rotary embedding changes its frequencies from {limit} positions on, and "
+                         f"this batch spans {int(positions.max()) + 1} (masks included): train on shorter "
+                         f"sequences (mtp train --max-length)")
 
 
 def mtp_forward(model, *args, mtp_batch: dict | None = None, loss_weights: LossWeights | None = None, **kwargs):

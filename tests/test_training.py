@@ -335,12 +335,32 @@ def test_gradient_checkpointing_gives_the_same_gradients(switch, tmp_path):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
 
 
+def test_unpatch_turns_off_the_adapters_checkpointing():
+    """Its checkpoints restore a patched model's gate: the stock model after unpatch trains as stock."""
+    model = _checkpointing_model()
+    enable_gradient_checkpointing(model)
+    mtp_model.unpatch(model).train()
+    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers)
+    ids = torch.randint(3, 40, (2, 10), generator=torch.Generator().manual_seed(7))
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
 def test_batches_past_a_sliding_window_are_refused():
     model = mtp_model.patch(tiny_model("mistral", sliding_window=16), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
     collator = MTPDataCollator(2, 96)
     mtp_loss(model, collator(counting_examples(2, 96, length=15)))  # positions 0..15: within the window
     with pytest.raises(ValueError, match="sliding window of 16 tokens"):
         mtp_loss(model, collator(counting_examples(2, 96, length=16)))
+
+
+def test_batches_that_reach_a_rescaling_rotary_embedding_are_refused():
+    rope = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    model = mtp_model.patch(tiny_model(max_position_embeddings=20, rope_parameters=rope),
+                            mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+    collator = MTPDataCollator(2, 96)
+    mtp_loss(model, collator(counting_examples(2, 96, length=12)))  # the layout's positions stay below 20
+    with pytest.raises(ValueError, match="rotary embedding changes its frequencies from 20 positions"):
+        mtp_loss(model, collator(counting_examples(2, 96, length=19)))
 
 
 def test_transformers_own_checkpointing_is_refused():

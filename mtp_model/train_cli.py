@@ -144,7 +144,7 @@ def train_main(argv: list[str] | None = None) -> int:
         model=model,
         args=training_args,
         train_dataset=examples,
-        data_collator=MTPDataCollator(args.num_masks, model.config.vocab_size, args.anchor_fraction),
+        data_collator=MTPDataCollator(args.num_masks, model.config.vocab_size, args.anchor_fraction, args.seed),
         loss_weights=LossWeights(consistency_reduction=args.consistency_reduction, mask_decay=args.mask_decay,
                                  regular=args.regular_weight),
         callbacks=None if args.max_minutes is None else [TimeLimit(args.max_minutes)],

@@ -67,28 +67,36 @@ class LossWeights:
 class MTPDataCollator:
     """Turns examples ({"input_ids", "loss_mask"}) into padded MTP training batches.
 
-    anchor_fraction < 1 puts mask blocks after that fraction of the loss-bearing tokens only, drawn afresh
-    for every batch (from torch's global generator, which the Trainer seeds): a sequence of n tokens then
-    lays out as about n (1 + fraction k) tokens instead of n (1 + k), so each step sees more sequences for
-    the same compute.
+    anchor_fraction < 1 puts mask blocks after that fraction of the loss-bearing tokens only: a sequence of
+    n tokens then lays out as about n (1 + fraction k) tokens instead of n (1 + k), so each step sees more
+    sequences for the same compute. The anchors are drawn per example and epoch from a generator seeded by
+    (seed, epoch, the example's tokens), not from torch's global state: the Trainer collates batches ahead
+    of the step that trains them and restores its random state on resume only after the first batch, so
+    global draws would make a resumed run differ from an uninterrupted one. `MTPTrainer` sets `epoch`.
     """
 
-    def __init__(self, num_masks: int, vocab_size: int, anchor_fraction: float = 1.0):
+    def __init__(self, num_masks: int, vocab_size: int, anchor_fraction: float = 1.0, seed: int = 0):
         if not 0.0 < anchor_fraction <= 1.0:
             raise ValueError(f"anchor_fraction must be in (0, 1], got {anchor_fraction}")
         self.num_masks = num_masks
         self.vocab_size = vocab_size
         self.anchor_fraction = anchor_fraction
+        self.seed = seed
+        self.epoch = 0
 
-    def _anchors(self, length: int) -> torch.Tensor | None:
-        return None if self.anchor_fraction == 1.0 else torch.rand(length) < self.anchor_fraction
+    def _anchors(self, ids: torch.Tensor) -> torch.Tensor | None:
+        if self.anchor_fraction == 1.0:
+            return None
+        # hash() of a tuple of ints is the same in every process (only str hashes are salted).
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, *ids.tolist())) & (2**63 - 1))
+        return torch.rand(ids.shape[0], generator=generator) < self.anchor_fraction
 
     def __call__(self, examples: list[dict]) -> dict:
         layouts = []
         for example in examples:
             ids = torch.as_tensor(example["input_ids"])
             layouts.append(training_layout(ids, torch.as_tensor(example["loss_mask"]).bool(), self.num_masks,
-                                           self.vocab_size, anchors=self._anchors(ids.shape[0])))
+                                           self.vocab_size, anchors=self._anchors(ids)))
         length = max(layout.input_ids.shape[0] for layout in layouts)
 
         def stack(field, fill):
@@ -288,6 +296,16 @@ class TimeLimit(TrainerCallback):
             control.should_save = True
 
 
+class _CollatorEpoch(TrainerCallback):
+    """Tells the collator the epoch it collates for, before the epoch's data loader starts."""
+
+    def __init__(self, collator: MTPDataCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = int(state.epoch or 0)
+
+
 class MTPTrainer(Trainer):
     """`transformers.Trainer` with the MTP loss, per-term logging and adapter checkpoints.
 
@@ -313,6 +331,8 @@ class MTPTrainer(Trainer):
             for name in flags:
                 setattr(self.args, name, False)
         self.loss_weights = loss_weights or LossWeights()
+        if isinstance(self.data_collator, MTPDataCollator):
+            self.add_callback(_CollatorEpoch(self.data_collator))
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
         self._layout_tokens = 0

@@ -271,7 +271,10 @@ class _StopAt(TrainerCallback):
         control.should_training_stop = state.global_step >= self.step
 
 
-def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+@pytest.mark.parametrize("anchor_fraction", [1.0, 0.5])
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path, anchor_fraction):
+    """Exactly, also where the collator draws each batch's anchors from torch's generator (the SmolLM2
+    recipe's anchor fraction 0.5): the resumed run's first batch is drawn from the checkpoint's state."""
     examples = counting_examples(32, 40, seed=6)
 
     def run(model, output_dir, max_steps=4, **options):
@@ -280,7 +283,8 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
             save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, remove_unused_columns=False,
             disable_tqdm=True, seed=0,
         )
-        trainer = MTPTrainer(model=model, args=args, train_dataset=examples, data_collator=MTPDataCollator(2, 40),
+        trainer = MTPTrainer(model=model, args=args, train_dataset=examples,
+                             data_collator=MTPDataCollator(2, 40, anchor_fraction=anchor_fraction),
                              callbacks=options.pop("callbacks", None))
         trainer.train(**options)
         return trainer

@@ -120,6 +120,11 @@ def train_main(argv: list[str] | None = None) -> int:
         eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
         model.mtp.set_draft_tokens(most_frequent_tokens(examples, args.draft_vocab, model.config.vocab_size, eos),
                                    model.config.vocab_size)
+    if args.bf16:  # mixed precision: the adapter's trained parameters stay fp32 (bf16 would round away
+        # most small optimizer updates); the Trainer's autocast runs the products in bf16.
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()

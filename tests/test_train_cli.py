@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from helpers import tiny_model
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -58,6 +59,20 @@ def test_train_command_writes_a_loadable_adapter(tmp_path):
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     model = mtp_model.patch(tiny_model(vocab_size=len(WORDS)), adapter=out)
     assert model.mtp_config.num_masks == 3
+
+
+def test_bf16_training_keeps_the_adapter_in_fp32(tmp_path):
+    """--bf16 runs the model in bf16 under autocast; the trained adapter is fp32, so that small optimizer
+    updates are not rounded away, and it loads into a bf16 model."""
+    model_dir = saved_tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", counting_records(16))
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--num-masks", "2",
+                 "--rank", "4", "--steps", "2", "--batch", "4", "--bf16"]) == 0
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert {tensor.dtype for name, tensor in saved.items() if "lora_" in name or "sampler" in name} == {torch.float32}
+    model = mtp_model.patch(tiny_model(vocab_size=len(WORDS)).to(torch.bfloat16), adapter=out)
+    assert model.mtp.sampler.mlp[0].weight.dtype == torch.bfloat16
 
 
 def test_a_time_limit_ends_the_run_with_its_adapter_and_a_checkpoint(tmp_path, capsys):

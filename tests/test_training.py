@@ -204,6 +204,21 @@ def test_evaluation_batches_stay_out_of_the_training_log(tmp_path):
     assert trainer._term_count == 0 and not trainer._term_sums
 
 
+def test_mixed_precision_trains_an_fp32_adapter_under_autocast(tmp_path):
+    """TrainingArguments(bf16=True) on an fp32 model is torch.autocast: the gated linears compute in bf16,
+    the adapter's parameters and their gradients stay fp32."""
+    model = mtp_model.patch(tiny_model(seed=10, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+    batch = MTPDataCollator(2, 40)(counting_examples(4, 40, seed=10))
+    full, _ = mtp_loss(model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = mtp_loss(model, batch)
+    mixed.backward()
+    torch.testing.assert_close(mixed.float(), full, rtol=0.05, atol=0.05)
+    lora_a = model.model.layers[0].self_attn.q_proj.lora_A.weight
+    assert lora_a.dtype == torch.float32 and lora_a.grad is not None and lora_a.grad.dtype == torch.float32
+    _train(model, counting_examples(8, 40, seed=10), tmp_path, steps=1, bf16=True)
+
+
 def test_checkpoint_holds_a_loadable_adapter(tmp_path):
     model = mtp_model.patch(tiny_model(seed=4, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
     trainer = _train(model, counting_examples(16, 40, seed=4), tmp_path, steps=2)

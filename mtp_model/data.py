@@ -1,7 +1,7 @@
 """Training data for MTP adapters: JSONL files -> tokenized examples with a response mask.
 
-Each line is either `{"messages": [{"role": ..., "content": ...}, ...]}` (the last message is the response,
-everything before it the prompt) or `{"prompt": ..., "response": ...}`. With a chat template the prompt is
+Each line is either `{"messages": [{"role": ..., "content": ...}, ...]}` (the last message, the assistant's,
+is the response, everything before it the prompt) or `{"prompt": ..., "response": ...}`. With a chat template the prompt is
 rendered by the tokenizer's template with the generation prompt; without one it is the plain prompt text.
 The response is followed by EOS, unless the pair is a triple (prompt, response, False): a continuation
 cut at a token budget, after which the model would not have stopped. Examples are
@@ -39,23 +39,38 @@ def iter_jsonl(path: str | Path):
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
 
 
-def read_jsonl(path: str | Path) -> list[tuple]:
-    """(prompt, response) pairs; the prompt is a message list for chat data. A record with a boolean
-    "stopped" (as `distill_jsonl` writes) gives a (prompt, response, stopped) triple. Errors name the line."""
+def read_jsonl(path: str | Path, prompts_only: bool = False) -> list[tuple]:
+    """(prompt, response) pairs; the prompt is a message list for chat data, whose last message is the
+    response and must be the assistant's, after at least one other. A record with a boolean "stopped" (as
+    `distill_jsonl` writes) gives a (prompt, response, stopped) triple. With `prompts_only` (data whose
+    responses self-distillation replaces) a chat record may end with the prompt's own last turn: (prompt,
+    None). Errors name the line."""
     pairs = []
     for number, record in iter_jsonl(path):
-        if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
+        where = f"{path}:{number}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected {{'messages': [...]}} or {{'prompt': str, 'response': str}}")
+        stopped = record.get("stopped")
+        if stopped is not None and not isinstance(stopped, bool):
+            raise ValueError(f"{where}: 'stopped' must be true or false")
+        stop = () if stopped is None else (stopped,)
+        if isinstance(record.get("messages"), list) and record["messages"]:
             messages = record["messages"]
-            if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-                raise ValueError(f"{path}:{number}: every message needs 'role' and 'content'")
-            stopped = record.get("stopped")
-            if stopped is not None and not isinstance(stopped, bool):
-                raise ValueError(f"{path}:{number}: 'stopped' must be true or false")
-            pairs.append((messages[:-1], messages[-1]["content"]) + (() if stopped is None else (stopped,)))
-        elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
-            pairs.append((record["prompt"], record["response"]))
+            if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages):
+                raise ValueError(f"{where}: every message needs a string 'role' and a string 'content'")
+            if messages[-1]["role"] == "assistant" and len(messages) > 1:
+                pairs.append((messages[:-1], messages[-1]["content"]) + stop)
+            elif prompts_only and messages[-1]["role"] != "assistant":
+                pairs.append((messages, None))
+            else:
+                raise ValueError(f"{where}: the last message is the response: an 'assistant' message after at "
+                                 f"least one other" + ("" if prompts_only else " (prompt-only records need "
+                                                       "--self-distill)"))
+        elif isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+            pairs.append((record["prompt"], record["response"]) + stop)
         else:
-            raise ValueError(f"{path}:{number}: expected {{'messages': [...]}} or {{'prompt': str, 'response': str}}")
+            raise ValueError(f"{where}: expected {{'messages': [...]}} or {{'prompt': str, 'response': str}}")
     return pairs
 
 

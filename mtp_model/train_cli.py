@@ -91,7 +91,7 @@ def train_main(argv: list[str] | None = None) -> int:
     check_out(parser, out, args.resume, args.overwrite)
     if args.init_from is not None:
         read_or_exit(parser, load_config, args.init_from)
-    pairs = read_or_exit(parser, read_jsonl, args.data)
+    pairs = read_or_exit(parser, read_jsonl, args.data, args.self_distill)
     if not pairs:
         parser.error(f"{args.data}: no training records")
     skeleton = _skeleton(args.model)

@@ -140,6 +140,27 @@ def test_chat_template_is_used_for_messages():
     assert example["loss_mask"].tolist() == [False] * 6 + [True] * 3
 
 
+@pytest.mark.parametrize(("record", "message"), [
+    ({"messages": [{"role": "user", "content": "w1"}]}, "the last message is the response"),
+    ({"messages": [{"role": "assistant", "content": "w1"}]}, "the last message is the response"),
+    ({"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": 5}]}, "every message needs"),
+    ({"prompt": "w1", "response": "w2", "stopped": "no"}, "'stopped' must be true or false"),
+])
+def test_records_that_would_train_on_the_wrong_text_are_named(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "w1", "response": "w2"}, record])
+    with pytest.raises(ValueError, match=f"data.jsonl:2: {message}"):
+        read_jsonl(path)
+
+
+def test_stopped_and_prompt_only_records(tmp_path):
+    """'stopped' counts on prompt/response records too (a cut continuation gets no EOS); a chat record that
+    ends with the user's turn is a prompt, taken only for self-distillation."""
+    prompt = [{"role": "user", "content": "w3"}]
+    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "w1", "response": "w2", "stopped": False},
+                                                 {"messages": prompt}])
+    assert read_jsonl(path, prompts_only=True) == [("w1", "w2", False), (prompt, None)]
+
+
 def test_malformed_line_is_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "w1", "response": "w2"}) + "\n{not json\n")

@@ -194,6 +194,8 @@ def _lora_into(out2d, x2d, lora_a, lora_b, scaling, gate1d):
 def _forward(x, weight, bias, lora_a, lora_b, scaling, gate):
     """The op on checked inputs: Triton on CUDA (and in the interpreter); on the CPU oneDNN on packed weights
     where that applies (`cpu_linear.gated_lora_linear`), else `torch_ops`."""
+    if lora_a.shape[0] == 0 or weight.numel() == 0:  # rank 0, no features in or out: the LoRA term is 0
+        return F.linear(x, weight, bias)
     if not backend.use_triton(x):
         packed = cpu_linear.gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, gate)
         if packed is not None:

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=bounded(int, 2), default=1024,
                         help="tokens per sequence before masks are added")
     parser.add_argument("--self-distill", action="store_true", help="replace responses by the model's greedy output")
-    parser.add_argument("--distill-max-new-tokens", type=bounded(int, 1), default=256)
+    parser.add_argument("--distill-max-new-tokens", type=bounded(int, 1), default=None,
+                        help="the self-distilled responses' token budget (default 256; needs --self-distill)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--save-steps", type=bounded(int, 1), default=500)
@@ -91,6 +92,8 @@ def train_main(argv: list[str] | None = None) -> int:
     check_out(parser, out, args.resume, args.overwrite)
     if args.init_from is not None:
         read_or_exit(parser, load_config, args.init_from)
+    if args.distill_max_new_tokens is not None and not args.self_distill:
+        parser.error("--distill-max-new-tokens needs --self-distill")
     pairs = read_or_exit(parser, read_jsonl, args.data, args.self_distill)
     if not pairs:
         parser.error(f"{args.data}: no training records")
@@ -107,7 +110,7 @@ def train_main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     if args.self_distill:
         model.eval()
-        pairs = self_distill(model, tokenizer, pairs, args.distill_max_new_tokens, batch_size=args.batch)
+        pairs = self_distill(model, tokenizer, pairs, args.distill_max_new_tokens or 256, batch_size=args.batch)
     examples = tokenize_pairs(tokenizer, pairs, args.max_length)
 
     config = mtp_model.MTPConfig(num_masks=args.num_masks, lora_rank=args.rank, lora_alpha=args.alpha,

@@ -309,8 +309,8 @@ class _CollatorEpoch(TrainerCallback):
 class MTPTrainer(Trainer):
     """`transformers.Trainer` with the MTP loss, per-term logging and adapter checkpoints.
 
-    Pass a model patched with `mtp_model.patch` and an `MTPDataCollator`; `TrainingArguments` must keep
-    `remove_unused_columns=False` (the collator needs `loss_mask`). A checkpoint directory holds the
+    Pass a model patched with `mtp_model.patch` and an `MTPDataCollator`; `remove_unused_columns` is turned
+    off (the collator needs `loss_mask`). A checkpoint directory holds the
     adapter (`adapter_config.json`, `adapter_model.safetensors`, loadable by `mtp_model.patch(model,
     adapter=...)`) with the Trainer's optimizer and scheduler state, not the frozen base model; resuming
     loads the adapter back. Logs add each loss term, the layout tokens per second since the
@@ -319,6 +319,10 @@ class MTPTrainer(Trainer):
 
     def __init__(self, *args, loss_weights: LossWeights | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if not hasattr(self.accelerator.unwrap_model(self.model), "mtp_config"):
+            raise ValueError("MTPTrainer trains a model patched with mtp_model.patch")
+        # The collator needs its columns (loss_mask): the Trainer would drop what forward does not name.
+        self.args.remove_unused_columns = False
         # compute_loss returns each micro-batch's mean: the Trainer must divide it by the accumulation steps
         # (it would not for a model it takes to normalise by num_items_in_batch, as a forward with **kwargs).
         self.model_accepts_loss_kwargs = False

@@ -55,6 +55,16 @@ def test_forward(kernel_mode, dtype, rows, in_f, out_f, rank, gated):
     assert_lora_rows_close(out, x, weight, bias, a, b, 2.0, gate)
 
 
+@pytest.mark.parametrize(("in_f", "out_f", "rank"), [(6, 5, 0), (0, 5, 3), (6, 0, 3)])
+def test_degenerate_shapes_are_the_plain_linear(kernel_mode, in_f, out_f, rank):
+    x, weight, bias = torch.randn(4, in_f), torch.randn(out_f, in_f), torch.randn(out_f)
+    gate = torch.tensor([True, False, True, True])
+    with torch.no_grad():
+        out = mtp_kernels.gated_lora_linear(x, weight, bias, torch.randn(rank, in_f), torch.randn(out_f, rank), 2.0,
+                                            gate)
+    torch.testing.assert_close(out, F.linear(x, weight, bias))
+
+
 def test_forward_shapes_reach_every_launch_branch():
     """Two of test_forward's shapes split K (one with an empty last split) and tile the rank in the interpreter."""
     empty_split = _plan(3, 600, 8, on_cuda=False, target_programs=4)

@@ -161,6 +161,14 @@ def test_stopped_and_prompt_only_records(tmp_path):
     assert read_jsonl(path, prompts_only=True) == [("w1", "w2", False), (prompt, None)]
 
 
+def test_a_distillation_budget_without_self_distillation_is_refused(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", counting_records(4))
+    with pytest.raises(SystemExit):
+        main(["train", "--model", str(saved_tiny_model(tmp_path / "model")), "--data", str(data), "--out",
+              str(tmp_path / "out"), "--distill-max-new-tokens", "9"])
+    assert "--distill-max-new-tokens needs --self-distill" in capsys.readouterr().err
+
+
 def test_malformed_line_is_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "w1", "response": "w2"}) + "\n{not json\n")

@@ -219,6 +219,15 @@ def test_mixed_precision_trains_an_fp32_adapter_under_autocast(tmp_path):
     _train(model, counting_examples(8, 40, seed=10), tmp_path, steps=1, bf16=True)
 
 
+def test_the_trainer_keeps_the_collators_columns_and_refuses_an_unpatched_model(tmp_path):
+    model = mtp_model.patch(tiny_model(seed=11, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
+    _train(model, counting_examples(8, 40, seed=11), tmp_path, steps=1, remove_unused_columns=True)  # the default
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="patched with mtp_model.patch"):
+        MTPTrainer(model=tiny_model(seed=11, vocab_size=40), args=args, train_dataset=counting_examples(8, 40),
+                   data_collator=MTPDataCollator(2, 40))
+
+
 def test_checkpoint_holds_a_loadable_adapter(tmp_path):
     model = mtp_model.patch(tiny_model(seed=4, vocab_size=40), mtp_model.MTPConfig(num_masks=2, lora_rank=4))
     trainer = _train(model, counting_examples(16, 40, seed=4), tmp_path, steps=2)

@@ -18,16 +18,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtp_model.config import MTPConfig
-from mtp_model.model_helpers import describe_model
+from mtp_model.model_helpers import describe_model, is_patched
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 SHIPPED_DIR = Path(__file__).resolve().parent / "adapters"
-ADAPTER_SUBDIR = "mtp_adapter"
+ADAPTER_SUBDIR = "mtp_adapter"  # where a patched model's save_pretrained puts its adapter
 # What an adapter's config must state (`load_config`), and the base-model facts an adapter must match.
 REQUIRED_FIELDS = ("num_masks", "lora_rank", "lora_alpha", "target_modules", "base_model")
-FITTING_FACTS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")  # where a patched model's save_pretrained puts its adapter
+FITTING_FACTS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 
 
 def adapter_tensors(model) -> dict:
@@ -41,7 +41,7 @@ def adapter_tensors(model) -> dict:
 
 def save_adapter(model, path: str | Path) -> Path:
     """Writes the adapter of a patched model to directory `path` (created if needed)."""
-    if not hasattr(model, "mtp_config"):
+    if not is_patched(model):
         raise ValueError("save_adapter needs a model patched with mtp_model.patch")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """What patch, decoding, training and the adapter format share about a (patched) model: the supported families,
-the facts an adapter must match, the sliding window, the length past which the rotary embedding changes, and
-the mask-token inputs and gate of a forward. A leaf module: it imports nothing of the package, so nothing here
-forms an import cycle.
+whether a model is patched, the facts an adapter must match, the sliding window, the length past which the
+rotary embedding changes, and the mask-token inputs and gate of a forward. A leaf module: it imports nothing
+of the package, so nothing here forms an import cycle.
 
 Mask tokens live outside the model's vocabulary: in the id tensors this package builds, mask i is
 `vocab_size + i`. `embed_tokens` embeds such ids; the gate of a forward is `ids >= vocab_size`.
@@ -14,6 +14,11 @@ import contextlib
 import torch
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def is_patched(model) -> bool:
+    """Whether `mtp_model.patch` has patched `model` (and `unpatch` has not undone it)."""
+    return hasattr(model, "mtp_config")
 
 
 def describe_model(model) -> dict:

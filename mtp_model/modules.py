@@ -84,11 +84,12 @@ class GatedLoRALinear(nn.Module):
             # The base layer's own forward and hooks run, as in stock; the LoRA term goes on the gated rows.
             base = self.base_layer(x)
             return torch.where(gate[..., None], base + self.lora_B(self.lora_A(x)) * self.scaling, base)
-        tensors = (x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
         if torch.is_autocast_enabled(x.device.type):  # as autocast casts F.linear's inputs (mixed precision)
             dtype = torch.get_autocast_dtype(x.device.type)
-            tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
-        x, weight, bias, lora_a, lora_b = tensors
+            x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
+            bias = None if bias is None else bias.to(dtype)
         return mtp_kernels.gated_lora_linear(x, weight, bias, lora_a, lora_b, self.scaling, gate)
 
     def runs_as_op(self) -> bool:

@@ -24,12 +24,8 @@ from torch import nn
 from mtp_model import adapter as adapter_io
 from mtp_model.attention import use_mtp_attention
 from mtp_model.config import MTPConfig
-from mtp_model.model_helpers import SUPPORTED_FAMILIES, describe_model
+from mtp_model.model_helpers import SUPPORTED_FAMILIES, describe_model, is_patched
 from mtp_model.modules import GateContext, GatedLoRALinear, MTPHead
-
-def is_patched(model) -> bool:
-    return hasattr(model, "mtp_config")
-
 
 def _check_patchable(model) -> None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)

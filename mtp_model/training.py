@@ -40,7 +40,7 @@ from mtp_kernels.linear_cross_entropy import linear_cross_entropy
 from mtp_model.adapter import load_weights, save_adapter
 from mtp_model.attention import PREFIX
 from mtp_model.layout import may_attend, training_layout
-from mtp_model.model_helpers import embed_tokens, gate_context, rope_length_limit, sliding_window
+from mtp_model.model_helpers import embed_tokens, gate_context, is_patched, rope_length_limit, sliding_window
 from mtp_model.training_attention import TrainingGrid
 
 IGNORE_INDEX = -100
@@ -319,7 +319,7 @@ class MTPTrainer(Trainer):
 
     def __init__(self, *args, loss_weights: LossWeights | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if not hasattr(self.accelerator.unwrap_model(self.model), "mtp_config"):
+        if not is_patched(self.accelerator.unwrap_model(self.model)):
             raise ValueError("MTPTrainer trains a model patched with mtp_model.patch")
         # The collator needs its columns (loss_mask): the Trainer would drop what forward does not name.
         self.args.remove_unused_columns = False
